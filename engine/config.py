@@ -1,0 +1,155 @@
+"""Frozen, typed configuration values that travel inside every artifact (checkpoint, ONNX bundle, plan).
+
+Each config is a frozen dataclass with ``to_dict``/``from_dict`` so it round-trips through JSON
+manifests and ``torch.save`` checkpoints without pickling classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the Diffused Heads UNet (defaults = the released CREMA checkpoint).
+
+    Input channels are ``[x_t (3) | motion frames oldest..newest | identity (3)]``.
+    """
+
+    image_size: int = 128
+    model_channels: int = 256
+    channel_mult: tuple[int, ...] = (1, 2, 3)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)  # level index; level l works at image_size / 2**l
+    num_head_channels: int = 64
+    dropout: float = 0.1
+    motion_frames: int = 2
+    grayscale_motion: bool = False
+    audio_window: int = 2  # frames each side of the current one -> 2*w+1 embeddings
+    audio_dim: int = 256
+    learn_sigma: bool = True
+    time_embed_divisor: int = 512  # the authors' non-standard frequency divisor (not model_channels/2)
+    groups: int = 32
+
+    @property
+    def motion_channels(self) -> int:
+        return self.motion_frames * (1 if self.grayscale_motion else 3)
+
+    @property
+    def in_channels(self) -> int:
+        return 3 + self.motion_channels + 3
+
+    @property
+    def out_channels(self) -> int:
+        return 6 if self.learn_sigma else 3
+
+    @property
+    def audio_frames(self) -> int:
+        return 2 * self.audio_window + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+CREMA = ModelConfig()
+LRW = ModelConfig(grayscale_motion=True)
+# Built by the same code as the full model; fast enough for CPU tests.
+SMALL = ModelConfig(
+    image_size=32,
+    model_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_levels=(2,),
+    audio_dim=32,
+)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Which audio encoder a model was trained with, and its per-frame output.
+
+    ``encoder`` is ``"sda"`` (the authors' encoder, 256-d) or ``"whisper"`` (our trainable stack).
+    A model is never fed features from an encoder other than the one recorded here.
+    """
+
+    encoder: str = "sda"
+    dim: int = 256
+    sample_rate: int = 16000
+    fps: int = 25
+    # Encoder-specific settings, e.g. {"model": "tiny.en"} for Whisper.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.sample_rate // self.fps
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AudioConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion process: the training schedule and the default respacing for sampling."""
+
+    num_timesteps: int = 1000
+    schedule: str = "cosine"
+    sampling_steps: int = 100
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How frames are sampled: ``ddpm`` (the authors' sampler) or ``ddim`` with ``eta``."""
+
+    name: str = "ddpm"
+    steps: int = 100
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.name!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
+        return _from_dict(cls, data)

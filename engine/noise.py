@@ -1,0 +1,44 @@
+"""Noise for the frame loop: seeded, or provided by the caller for step-for-step comparisons.
+
+Layout for frame i: one tensor ``[1 + n_steps, B, 3, H, W]``; row 0 is the initial x_T and row
+``1 + k`` the z added at respaced step k (row 1, for k = 0, is never used: the last step adds none).
+Seeded noise draws these rows for frame 0, then frame 1, ... from one generator on the sampling
+device, so the same seed on the same device gives the same video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NoiseFn = Callable[[int, torch.Tensor], None]  # (frame index, out buffer) -> fills out in place
+
+
+class SeededNoise:
+    """Fills a frame's noise buffer from a ``torch.Generator`` seeded once per video."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, frame: int, out: torch.Tensor) -> None:
+        torch.randn(out.shape, generator=self.generator, out=out, device=out.device, dtype=out.dtype)
+
+
+class TensorNoise:
+    """Caller-provided noise: ``noise[i]`` is frame i's ``[1 + n_steps, B, 3, H, W]`` tensor."""
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+
+    def __call__(self, frame: int, out: torch.Tensor) -> None:
+        out.copy_(self.noise[frame], non_blocking=True)
+
+
+def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device) -> NoiseFn:
+    if noise is None:
+        return SeededNoise(seed, device)
+    if isinstance(noise, torch.Tensor):
+        return TensorNoise(noise)
+    return noise

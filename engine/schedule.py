@@ -1,0 +1,97 @@
+"""The diffusion noise schedule as an immutable float64 value, and respacing.
+
+guided-diffusion computes schedules in float64 "for accuracy"; the authors' sampler used float32,
+which differs by up to 5e-4 relative. We compute here in float64 and cast once, at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Per-step quantities of a (possibly respaced) schedule, all float64 arrays of length n.
+
+    ``timesteps[k]`` is the ORIGINAL timestep (0..T-1) the UNet is called with at respaced index k.
+    """
+
+    betas: np.ndarray
+    timesteps: np.ndarray
+
+    def __post_init__(self) -> None:
+        for a in (self.betas, self.timesteps):
+            a.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return 1.0 - self.betas
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(self.alphas)
+
+    @property
+    def alphas_cumprod_prev(self) -> np.ndarray:
+        return np.append(1.0, self.alphas_cumprod[:-1])
+
+    @property
+    def posterior_variance(self) -> np.ndarray:
+        """beta_tilde = beta (1 - abar_prev) / (1 - abar)."""
+        return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+    @property
+    def posterior_log_variance_clipped(self) -> np.ndarray:
+        """log beta_tilde with element 0 (where beta_tilde = 0) replaced by element 1."""
+        v = self.posterior_variance
+        return np.log(np.append(v[1], v[1:])) if len(v) > 1 else np.log(self.betas)
+
+    @property
+    def posterior_mean_coef1(self) -> np.ndarray:
+        """Coefficient of x0 in the posterior mean: beta sqrt(abar_prev) / (1 - abar)."""
+        return self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+    @property
+    def posterior_mean_coef2(self) -> np.ndarray:
+        """Coefficient of x_t in the posterior mean: (1 - abar_prev) sqrt(alpha) / (1 - abar)."""
+        return (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+
+
+def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine betas: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta)``."""
+
+    def abar(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    t = num_timesteps
+    return np.array([min(1 - abar((i + 1) / t) / abar(i / t), max_beta) for i in range(t)], dtype=np.float64)
+
+
+def cosine_schedule(num_timesteps: int = 1000) -> Schedule:
+    """The 1000-step cosine schedule the model was trained with."""
+    return Schedule(betas=cosine_betas(num_timesteps), timesteps=np.arange(num_timesteps, dtype=np.int64))
+
+
+def respaced_timesteps(num_timesteps: int, n: int) -> list[int]:
+    """``t_k = round(k * (T-1)/(n-1))`` with Python's round: 0, 10, 20, ..., 989, 999 for n=100."""
+    if not 1 <= n <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {n}")
+    if n == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (n - 1)
+    return [round(k * stride) for k in range(n)]
+
+
+def respace(schedule: Schedule, n: int) -> Schedule:
+    """A new schedule over ``n`` of the original steps: ``beta_k = 1 - abar[t_k] / abar[t_{k-1}]``."""
+    use = respaced_timesteps(len(schedule), n)
+    abar = schedule.alphas_cumprod
+    prev = np.append(1.0, abar[use][:-1])
+    betas = 1.0 - abar[use] / prev
+    return Schedule(betas=betas, timesteps=schedule.timesteps[use].copy())
