@@ -69,11 +69,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int = 128, **overri
     base.update(overrides)
     for r, mult, attn in _candidates(sd, mc, n_in):
         cfg = ModelConfig(**{**base, "num_res_blocks": r, "channel_mult": mult, "attention_levels": attn})
-        if cfg.model_channels % cfg.groups or any(cfg.model_channels * m % cfg.num_head_channels
-                                                  for m in (mult[i] for i in attn)):
+        try:
+            with torch.device("meta"):
+                got = {k: tuple(v.shape) for k, v in DiffusedHeadsUNet(cfg).state_dict().items()}
+        except ValueError:  # e.g. attention channels not divisible into 64-channel heads
             continue
-        with torch.device("meta"):
-            got = {k: tuple(v.shape) for k, v in DiffusedHeadsUNet(cfg).state_dict().items()}
         if got == want:
             return cfg
     raise ConfigInferenceError(

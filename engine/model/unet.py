@@ -71,7 +71,7 @@ class DiffusedHeadsUNet(nn.Module):
                 blocks.append(CondSequential(layers))
         return blocks, ch
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, x_cond: torch.Tensor, *,
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, x_cond: torch.Tensor,
                 motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
         """x: [B,3,H,W] x_t; timesteps: [B] original t; x_cond: [B,3,H,W] identity;
         motion_frames: [B, M*c, H, W] or [B, M, c, H, W], oldest first; audio_emb: [B, 2w+1, D].
