@@ -1,0 +1,188 @@
+"""engine/face.py and engine/image.py: MediaPipe landmarks, framing crop, identity-frame loading."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dheads.engine import face as F
+from dheads.engine.face import FaceError, FaceLandmarker, crop_and_resize, crop_box, track_landmarks
+from dheads.engine.image import ImageError, load_face, read_rgb, to_tensor, to_uint8_frames
+from dheads.engine.video import read_frames
+
+
+@pytest.fixture(scope="module")
+def landmarker():
+    with FaceLandmarker(max_faces=2) as lm:
+        yield lm
+
+
+@pytest.fixture(scope="module")
+def astronaut(shared_data) -> np.ndarray:
+    return read_rgb(shared_data / "faces" / "astronaut_512.png")
+
+
+@pytest.fixture(scope="module")
+def grid_clip(shared_data) -> list[np.ndarray]:
+    return list(read_frames(shared_data / "grid" / "lrwp9a.mpg"))
+
+
+def write_png(path, rgb: np.ndarray):
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_index_sets_match_mediapipe_topology():
+    from mediapipe.tasks.python.vision import FaceLandmarksConnections as C
+
+    def points(connections):
+        return {i for c in connections for i in (c.start, c.end)}
+
+    assert len(set(F.LIPS)) == len(F.LIPS) == 40
+    assert set(F.LIPS) == points(C.FACE_LANDMARKS_LIPS)
+    assert set(F.LEFT_EYE) == points(C.FACE_LANDMARKS_LEFT_EYE) >= set(F.LEFT_EYE_EAR)
+    assert set(F.RIGHT_EYE) == points(C.FACE_LANDMARKS_RIGHT_EYE) >= set(F.RIGHT_EYE_EAR)
+    assert {F.INNER_LIP_TOP, F.INNER_LIP_BOTTOM} <= set(F.LIPS_INNER)
+
+
+def test_astronaut_face(landmarker, astronaut):
+    (face,) = landmarker.detect(astronaut)
+    assert face.landmarks.shape == (478, 2) and face.landmarks.dtype == np.float32
+    assert {"jawOpen", "eyeBlinkLeft", "eyeBlinkRight"} <= face.blendshapes.keys()
+    assert face.blendshapes["jawOpen"] < 0.1  # mouth closed (0.013 measured)
+    x0, y0, x1, y1 = face.bbox  # measured (181, 72, 270, 177)
+    assert 150 < x0 < x1 < 300 and 50 < y0 < y1 < 200
+    assert 0.2 < face.eye_openness() < 0.4  # open eyes: 0.31 measured
+    assert 0.0 <= face.mouth_opening() < 0.2  # smile showing teeth: 0.10 measured
+    mx0, my0, mx1, my1 = face.mouth_box(pad=0.1)
+    assert x0 < mx0 < mx1 < x1 and (y0 + y1) / 2 < my0 < my1 < y1
+
+
+def test_crop_frames_the_face(landmarker, astronaut):
+    (face,) = landmarker.detect(astronaut)
+    x0, y0, side = crop_box(face.landmarks, astronaut.shape[:2])
+    assert (x0, y0, side) == pytest.approx((120, 9, 211), abs=3)  # side = 2.0 x landmark height 105.6
+    fx0, fy0, fx1, fy1 = face.bbox
+    assert x0 < fx0 and fx1 < x0 + side and y0 < fy0 and fy1 < y0 + side  # whole face inside
+    face_h = fy1 - fy0
+    assert fy0 - y0 > 0.25 * face_h and y0 + side - fy1 > 0.25 * face_h  # room for hair and neck
+    crop = crop_and_resize(astronaut, (x0, y0, side), 128)
+    assert crop.shape == (128, 128, 3) and crop.dtype == np.uint8
+    (again,) = landmarker.detect(crop)  # the face is still there, centred, about half the frame
+    ax0, ay0, ax1, ay1 = again.bbox
+    assert abs((ax0 + ax1) / 2 - 64) < 8 and 50 < ay1 - ay0 < 80
+
+
+def test_crop_and_resize_pads():
+    rgb = np.full((20, 20, 3), 200, np.uint8)
+    black = crop_and_resize(rgb, (-10, 0, 20), 20, pad="black")
+    assert black[:, :10].max() == 0 and black[:, 10:].min() == 200
+    edge = crop_and_resize(rgb, (-10, -10, 40), 40, pad="edge")
+    assert edge.shape == (40, 40, 3)
+    assert edge.min() == 200
+
+
+def test_crop_box_shifts_inside():
+    lm = np.zeros((478, 2), np.float32)
+    lm[:, 0] = np.linspace(10, 60, 478)  # face at the left edge of a 200x200 image
+    lm[:, 1] = np.linspace(70, 120, 478)
+    assert crop_box(lm, (200, 200)) == (0, 40, 100)
+    assert crop_box(lm, (200, 200), fit_inside=False) == (-15, 40, 100)
+
+
+def test_clip_crop_is_stable(grid_clip):
+    hw = grid_clip[0].shape[:2]
+    landmarks = track_landmarks(grid_clip)
+    assert landmarks.shape == (75, 478, 2) and np.isfinite(landmarks).all()
+    box = crop_box(landmarks, hw)  # one box for the whole clip
+    assert isinstance(box, tuple) and len(box) == 3
+    per_frame = np.array([crop_box(lm, hw) for lm in landmarks])
+    assert np.ptp(per_frame, axis=0).max() > 5  # a per-frame box would jitter (32 px measured)
+    assert np.all(np.abs(np.median(per_frame, axis=0) - box) <= 3)
+    # A missed frame (NaN) does not move the clip box.
+    landmarks[10] = np.nan
+    assert crop_box(landmarks, hw) == pytest.approx(box, abs=1)
+
+
+def test_mouth_opening_follows_speech(grid_clip):
+    talking = [F.mouth_opening(lm) for lm in track_landmarks(grid_clip)]
+    still = [F.mouth_opening(lm) for lm in track_landmarks([grid_clip[0]] * 20)]
+    # measured std: talking 0.077, a repeated frame 0.0004
+    assert np.std(talking) > 10 * np.std(still) and np.std(talking) > 0.02
+    assert max(talking) > 0.1
+
+
+def test_load_face_from_video_frame(shared_data):
+    x = load_face(shared_data / "grid" / "bbaf2n.mpg", frame=10)
+    assert x.shape == (1, 3, 128, 128) and x.dtype == torch.float32
+    assert -1.0 <= x.min() < x.max() <= 1.0
+    assert load_face(shared_data / "grid" / "bbaf2n.mpg", crop="none", size=64).shape == (1, 3, 64, 64)
+
+
+def test_load_face_from_photo(shared_data, landmarker):
+    path = shared_data / "faces" / "astronaut_512.png"
+    x = load_face(path, landmarker=landmarker)
+    assert x.shape == (1, 3, 128, 128)
+    (face,) = landmarker.detect(to_uint8_frames(x)[0])
+    assert face.landmarks.shape == (478, 2)
+
+
+def test_no_face(tmp_path, landmarker):
+    grey = write_png(tmp_path / "grey.png", np.full((256, 256, 3), 128, np.uint8))
+    with pytest.raises(FaceError) as e:
+        load_face(grey, landmarker=landmarker)
+    assert str(e.value) == f"no face found in {grey}"
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    noisy = write_png(tmp_path / "noise.png", noise)
+    with pytest.raises(FaceError, match="^no face found in "):
+        load_face(noisy, landmarker=landmarker)
+    assert load_face(grey, crop="none").shape == (1, 3, 128, 128)  # no face needed
+
+
+def test_two_faces(tmp_path, shared_data):
+    # The short-range face detector wants faces > ~20% of the image: tile the 256 px face crop.
+    face = read_rgb(shared_data / "faces" / "astronaut_face_256.png")
+    two = write_png(tmp_path / "two.png", np.concatenate([face, face], axis=1))
+    with pytest.raises(FaceError) as e:
+        load_face(two)
+    assert str(e.value) == f"found 2 faces in {two}; pass an image with exactly one face or --crop none"
+    assert load_face(two, crop="none").shape == (1, 3, 128, 128)
+
+
+def test_image_errors(tmp_path, shared_data):
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(ImageError) as e:
+        load_face(missing)
+    assert str(e.value) == f"no such file: {missing}"
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    with pytest.raises(ImageError) as e:
+        load_face(corrupt)
+    assert str(e.value) == f"cannot read image {corrupt} (corrupt or unsupported format)"
+    clip = shared_data / "grid" / "bbaf2n.mpg"
+    with pytest.raises(ValueError) as e:  # video.VideoError
+        load_face(clip, frame=75)
+    assert str(e.value) == f"frame 75 is beyond the end of {clip} (75 frames)"
+
+
+def test_tensor_round_trip():
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    x = torch.cat([to_tensor(im) for im in rgb])
+    assert x.shape == (2, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(to_uint8_frames(x), rgb)
+    assert to_uint8_frames(torch.full((1, 3, 2, 2), 5.0)).max() == 255  # clamped
+
+
+def test_metrics_agree_with_blendshapes(shared_data):
+    """Landmark metrics track MediaPipe's own blendshapes over a clip with a blink (bbaf2n)."""
+    with FaceLandmarker(video=True, max_faces=1) as lm:
+        faces = [lm.detect(f)[0] for f in read_frames(shared_data / "grid" / "bbaf2n.mpg")]
+    ear = [f.eye_openness() for f in faces]
+    blink = [(f.blendshapes["eyeBlinkLeft"] + f.blendshapes["eyeBlinkRight"]) / 2 for f in faces]
+    mouth = [f.mouth_opening() for f in faces]
+    jaw = [f.blendshapes["jawOpen"] for f in faces]
+    assert min(ear) < 0.1 < 0.25 < np.median(ear)  # measured: min 0.02 (blink), median 0.33
+    assert np.corrcoef(ear, blink)[0, 1] < -0.9  # measured -0.99
+    assert np.corrcoef(mouth, jaw)[0, 1] > 0.85  # measured 0.98
