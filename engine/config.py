@@ -122,7 +122,8 @@ class DiffusionConfig:
 
     num_timesteps: int = 1000
     schedule: str = "cosine"
-    sampling_steps: int = 100
+    sampling_steps: int = 100  # the default respacing dh-run uses for this model
+    sampler: str = "ddpm"  # the default sampler dh-run uses for this model
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

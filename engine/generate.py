@@ -1,0 +1,159 @@
+"""The per-frame loop over any Denoiser, with preallocated state and optional CUDA-graph replay.
+
+Everything a frame needs lives in static buffers allocated once per video (x_t, the noise of the
+frame, the motion ring, the identity, the current audio window, the step coefficient tables), so
+a frame's whole step loop issues no allocation, host-device copy or synchronisation of its own and
+can be captured once as a CUDA graph and replayed for every frame. The loop never asks which
+backend it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .backends.base import Denoiser
+from .conditioning import MotionRing, audio_windows
+from .config import SamplerConfig
+from .noise import NoiseFn, as_noise_fn
+from .sampling import get_step, make_tables
+from .schedule import cosine_schedule, respace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How the loop runs: the sampler, the batch of streams, and whether to capture a CUDA graph."""
+
+    sampler: SamplerConfig = SamplerConfig()
+    batch: int = 1
+    cuda_graph: bool = True
+    num_timesteps: int = 1000
+
+
+class FrameLoop:
+    """Static state for ``batch`` independent streams and the denoising of one frame of each."""
+
+    def __init__(self, denoiser: Denoiser, config: LoopConfig = LoopConfig()):
+        self.denoiser, self.config = denoiser, config
+        cfg, dev, b = denoiser.config, denoiser.device, config.batch
+        s = cfg.image_size
+        schedule = respace(cosine_schedule(config.num_timesteps), config.sampler.steps)
+        self.n_steps = len(schedule)
+        self.tables = make_tables(schedule, dev, eta=config.sampler.eta)
+        self.step = get_step(config.sampler.name)
+        # Per-step float timesteps, already batched: the UNet input for step k is t_table[k].
+        self.t_table = self.tables.timesteps.float()[:, None].expand(-1, b).contiguous()
+        self.noise = torch.empty(self.n_steps + 1, b, 3, s, s, device=dev)
+        self.identity = torch.empty(b, 3, s, s, device=dev)
+        self.audio = torch.empty(b, cfg.audio_frames, cfg.audio_dim, device=dev)
+        self.ring = MotionRing(b, cfg.motion_frames, 1 if cfg.grayscale_motion else 3, s, device=dev,
+                               grayscale=cfg.grayscale_motion)
+        self.frame = torch.empty(b, 3, s, s, device=dev)
+        self.use_graph = config.cuda_graph and dev.type == "cuda" and denoiser.graph_safe
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def denoise(self) -> None:
+        """x_T = noise[0]; for k = n-1..0: x = step(x, denoiser(x, t_k, ...), k, noise[1+k]); frame = x."""
+        x = self.noise[0]
+        clip = self.config.sampler.clip_denoised
+        for k in reversed(range(self.n_steps)):
+            out = self.denoiser(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
+            x = self.step(x, out, self.tables, k, self.noise[1 + k], clip)
+        self.frame.copy_(x)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(device=self.frame.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: lazy init, cuBLAS/cuDNN handles
+            self.denoise()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.denoise()
+        log.info("captured a CUDA graph of %d denoising steps", self.n_steps)
+        return graph
+
+    def run_frame(self) -> None:
+        """Denoise one frame of every stream into ``self.frame`` and push it into the motion ring."""
+        if self.use_graph:
+            if self._graph is None:
+                self._graph = self._capture()
+            self._graph.replay()
+        else:
+            self.denoise()
+        self.ring.push(self.frame)
+
+
+class _HostFrames:
+    """Frames come back to the host asynchronously: copy i into pinned memory while i+1 computes."""
+
+    def __init__(self, like: torch.Tensor):
+        self.cuda = like.device.type == "cuda"
+        pin = self.cuda
+        self.buffers = [torch.empty(like.shape, dtype=like.dtype, pin_memory=pin) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.pending: list[int] = []
+
+    def push(self, i: int, frame: torch.Tensor) -> None:
+        slot = i % 2
+        self.buffers[slot].copy_(frame, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[slot].record()
+        self.pending.append(i)
+
+    def pop(self) -> tuple[int, torch.Tensor]:
+        i = self.pending.pop(0)
+        if self.cuda:
+            self.events[i % 2].synchronize()
+        return i, self.buffers[i % 2].clone()
+
+
+def _prepare_audio(audio_emb: list[torch.Tensor], window: int, device) -> tuple[torch.Tensor, list[int]]:
+    """Per-stream [N_b, D] embeddings -> one [B, N_max, 2w+1, D] window table on the device."""
+    lengths = [int(a.shape[0]) for a in audio_emb]
+    n_max = max(lengths)
+    table = []
+    for a in audio_emb:
+        w = audio_windows(a.to(device=device, dtype=torch.float32), window)
+        pad = w[-1:].expand(n_max - w.shape[0], *w.shape[1:])  # streams that ended repeat their last window
+        table.append(torch.cat([w, pad]))
+    return torch.stack(table), lengths
+
+
+@torch.no_grad()
+def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch.Tensor | list[torch.Tensor], *,
+                    config: LoopConfig | None = None, seed: int = 0,
+                    noise: torch.Tensor | NoiseFn | None = None, loop: FrameLoop | None = None
+                    ) -> Iterator[torch.Tensor]:
+    """Yield frames [B, 3, H, W] (CPU, float32, [-1, 1]) one video frame at a time, as they are made.
+
+    identity: [B, 3, H, W] in [-1, 1]; audio_emb: [N, D] (B = 1) or a list of B per-stream [N_b, D].
+    Streams shorter than the longest keep running on their last audio window; trim with their length.
+    noise: None (seeded), a tensor [N, 1 + steps, B, 3, H, W], or ``fn(i, out)`` filling frame i's buffer.
+    """
+    streams = [audio_emb] if isinstance(audio_emb, torch.Tensor) else list(audio_emb)
+    config = config or LoopConfig(batch=len(streams))
+    if identity.shape[0] != len(streams) or config.batch != len(streams):
+        raise ValueError(f"batch mismatch: {identity.shape[0]} identities, {len(streams)} audio streams, "
+                         f"loop batch {config.batch}")
+    loop = loop or FrameLoop(denoiser, config)
+    dev = denoiser.device
+    table, lengths = _prepare_audio(streams, denoiser.config.audio_window, dev)
+    noise_fn = as_noise_fn(noise, seed, dev)
+    loop.identity.copy_(identity)
+    loop.ring.reset(loop.identity)
+    host = _HostFrames(loop.frame)
+    for i in range(max(lengths)):
+        noise_fn(i, loop.noise)
+        loop.audio.copy_(table[:, i])
+        loop.run_frame()
+        host.push(i, loop.frame)
+        if len(host.pending) > 1:
+            yield host.pop()[1]
+    while host.pending:
+        yield host.pop()[1]
