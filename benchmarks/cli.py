@@ -1,0 +1,52 @@
+"""dh-bench: one command, flags -> BenchConfig -> run_bench -> JSON + markdown under benchmarks/results/."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from .bench import MODELS, BenchConfig, markdown_table, run_bench, write_results
+
+app = typer.Typer(add_completion=False, help="Benchmark backends against the authors' sampling loop, same run.")
+err = Console(stderr=True)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("small", help=f"Model config with random weights: {' | '.join(MODELS)}."),
+    backends: str = typer.Option("pytorch", help="Comma list: pytorch,onnxruntime,tensorrt."),
+    precisions: str = typer.Option("fp32", help="Comma list: fp32,fp16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    steps: int = typer.Option(100, help="Denoising steps per frame."),
+    frames: int = typer.Option(4, help="Frames timed in the sustained loop (after the first)."),
+    batch: int = typer.Option(4, help="Batch of independent streams for the batched measurements."),
+    repeats: int = typer.Option(10, help="Timed repeats of each UNet forward."),
+    reference: bool = typer.Option(True, help="Also time the authors' loop (the 1.00x baseline)."),
+    cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for <name>.json and <name>.md."),
+    name: str = typer.Option("", help="Result file stem (default: <model>_<device>)."),
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if model not in MODELS:
+        raise typer.BadParameter(f"choose one of {sorted(MODELS)}", param_hint="--model")
+    bc = BenchConfig(model=model, backends=_csv(backends), precisions=_csv(precisions), device=device, steps=steps,
+                     frames=frames, batch=batch, repeats=repeats, reference=reference, cuda_graph=cuda_graph)
+    with tempfile.TemporaryDirectory(prefix="dh-bench-") as tmp:
+        result = run_bench(bc, Path(tmp))
+    stem = name or f"{model}_{result['machine']['device'].split(':')[0]}"
+    js, md = write_results(result, out, stem)
+    err.print(Markdown(markdown_table(result)))
+    err.print(f"wrote {js} and {md}")
+
+
+def main() -> None:
+    app(prog_name="dh-bench")
