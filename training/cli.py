@@ -1,0 +1,156 @@
+"""``dh-train``: prepare videos into training clips, train, and preview a checkpoint.
+
+    dh-train prepare VIDEOS OUT [--size 128] [--jobs 4]          # folder or file list -> clips
+    dh-train fit --data OUT --out RUN [--config tiny] [--set optim.lr=1e-4] [--resume auto]
+    torchrun --nproc_per_node 8 -m dheads.training.cli fit --data OUT --out RUN --config crema
+    dh-train sample RUN/last.pt --data OUT --out preview.mp4 [--frames 25]
+
+Thin: flags become config values and one library call (``prepare.prepare``, ``train.fit``,
+``train.write_preview``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train Diffused Heads models: prepare data, fit, preview.")
+log = logging.getLogger("dheads.training")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"dh-train: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def prepare(
+    source: Annotated[Path, typer.Argument(help="folder of videos (searched recursively) or a text file "
+                                                "listing them (path[TAB]speaker per line)")],
+    out: Annotated[Path, typer.Argument(help="output folder (re-run to resume)")],
+    size: Annotated[int, typer.Option(help="frame size in pixels (the model's image_size)")] = 128,
+    encoder: Annotated[str, typer.Option(help="audio encoder: whisper (tiny.en, 384-d) or sda (256-d)")] = "whisper",
+    encoder_path: Annotated[Optional[Path], typer.Option(help="SDA audio_encoder.pt, or a CTranslate2 "
+                                                              "Whisper folder")] = None,
+    layout: Annotated[str, typer.Option(help="speaker ids from: auto, crema, lrw, grid, folder")] = "auto",
+    jobs: Annotated[int, typer.Option(help="worker processes")] = max(1, min(4, (os.cpu_count() or 1))),
+    min_face: Annotated[float, typer.Option(help="skip clips with a face in fewer frames than this")] = 0.9,
+    test_fraction: Annotated[float, typer.Option(help="fraction of speakers held out for test.txt")] = 0.1,
+    test_speaker: Annotated[Optional[list[str]], typer.Option(help="held-out speaker (repeatable); "
+                                                                   "overrides --test-fraction")] = None,
+    keep_audio: Annotated[bool, typer.Option(help="store the 16 kHz audio (for sample videos)")] = True,
+    retry_failed: Annotated[bool, typer.Option(help="retry clips that failed in an earlier run")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Preprocess talking-face videos into training clips (crop, landmarks, audio embeddings, splits)."""
+    _setup_logging(verbose)
+    from dheads.engine.config import AudioConfig
+
+    from .prepare import PrepareConfig
+    from .prepare import prepare as run_prepare
+
+    dims = {"whisper": 384, "sda": 256}
+    if encoder not in dims:
+        _fail(f"--encoder must be whisper or sda, not {encoder!r}")
+    try:
+        cfg = PrepareConfig(size=size, audio=AudioConfig(encoder=encoder, dim=dims[encoder]),
+                            min_face_fraction=min_face, keep_audio=keep_audio, layout=layout,
+                            test_fraction=test_fraction, test_speakers=tuple(test_speaker or ()))
+        report = run_prepare(source, out, cfg, jobs=jobs, retry_failed=retry_failed, progress=progress,
+                             encoder_path=str(encoder_path) if encoder_path else None)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for cid, reason in sorted(report.failed.items()):
+        log.warning("skipped %s: %s", cid, reason)
+    splits = ", ".join(f"{k} {len(v)}" for k, v in report.splits.items())
+    log.info("%s: %d clips written, %d already there, %d skipped; %s", out, len(report.done),
+             len(report.existing), len(report.failed), splits)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Option(help="a folder written by `dh-train prepare`")],
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints, last.pt, metrics, samples")],
+    config: Annotated[Optional[str], typer.Option(help="preset (crema, lrw, tiny) or a .toml file; "
+                                                       "default tiny, or the checkpoint's with --resume")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. --set optim.lr=1e-4 "
+                                                                    "(repeatable)")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="auto (OUT/last.pt if present), or a checkpoint path")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if "
+                                                       "available)")] = None,
+    until: Annotated[Optional[int], typer.Option(help="stop after this step (resume later)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train (or resume) a model on prepared clips. Under torchrun, one process per GPU (DDP)."""
+    _setup_logging(verbose)
+    from .config import TrainingConfig, apply_overrides, load_config
+    from .train import fit as run_fit
+    from .train import resolve_resume, saved_config
+
+    try:
+        ckpt = resolve_resume(out, resume)
+        if config is None and ckpt is not None:
+            cfg = TrainingConfig.from_dict(apply_overrides(saved_config(ckpt), list(set_ or [])))
+        else:
+            cfg = load_config(config or "tiny", list(set_ or []))
+        result = run_fit(cfg, data, out, resume=ckpt, device=device, progress=progress, until=until)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if result.losses:
+        log.info("steps %d..%d, loss %.4f -> %.4f; last checkpoint %s", result.start_step + 1, result.end_step,
+                 result.losses[0], result.losses[-1], result.last_checkpoint or "(none this run)")
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (e.g. RUN/last.pt)")],
+    data: Annotated[Path, typer.Option(help="a prepared folder: the identity frame and audio come from a clip")],
+    out: Annotated[Path, typer.Option(help="mp4 to write: generated | real, with the clip's audio")],
+    clip: Annotated[Optional[str], typer.Option(help="clip id (default: first test clip, else first train)")] = None,
+    frames: Annotated[int, typer.Option(help="frames to generate")] = 25,
+    sampler: Annotated[str, typer.Option(help="ddpm or ddim")] = "ddim",
+    steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
+    raw: Annotated[bool, typer.Option(help="use the raw weights instead of the EMA weights")] = False,
+    device: Annotated[str, typer.Option()] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Preview a checkpoint on a prepared clip."""
+    _setup_logging(verbose)
+    from dheads.engine.checkpoint import load_checkpoint
+
+    from .train import write_preview
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        path = write_preview(ckpt, data, out, frames=frames, sampler=sampler, steps=steps, clip=clip,
+                             ema=not raw, device=device, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    log.info("wrote %s", path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dh-train`` console script."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="dh-train")
+
+
+if __name__ == "__main__":
+    main()
