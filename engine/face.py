@@ -19,10 +19,12 @@ per clip, robust to a few bad detections, so the crop never jitters.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,26 @@ LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 263, 33  # outer eye corners: the face-size un
 
 class FaceError(ValueError):
     """No face, or not exactly one, where one was needed; the message is one line."""
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(active: bool = True) -> Iterator[None]:
+    """Silence MediaPipe's C++ (glog/TFLite) lines, which bypass Python logging, on file descriptor 2.
+
+    They would bury our one-line errors. ``DHEADS_NATIVE_LOGS=1`` keeps them for debugging.
+    """
+    if not active or os.environ.get("DHEADS_NATIVE_LOGS") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def default_model_path() -> Path:
@@ -154,8 +176,10 @@ class FaceLandmarker:
             min_tracking_confidence=min_confidence,
             output_face_blendshapes=True,
         )
-        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        with quiet_native_stderr():
+            self._landmarker = vision.FaceLandmarker.create_from_options(options)
         self.video, self.fps, self._frame = video, fps, 0
+        self._first = True
 
     def __enter__(self) -> FaceLandmarker:
         return self
@@ -180,11 +204,13 @@ class FaceLandmarker:
             raise ValueError(f"expected uint8 [H, W, 3] RGB, got {rgb.dtype} {tuple(rgb.shape)}")
         # MediaPipe silently finds nothing in a strided array (e.g. PyAV's padded rows).
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-        if self.video:
-            result = self._landmarker.detect_for_video(image, round(self._frame * 1000.0 / self.fps))
-            self._frame += 1
-        else:
-            result = self._landmarker.detect(image)
+        with quiet_native_stderr(self._first):  # the first inference logs its delegate choice
+            if self.video:
+                result = self._landmarker.detect_for_video(image, round(self._frame * 1000.0 / self.fps))
+                self._frame += 1
+            else:
+                result = self._landmarker.detect(image)
+        self._first = False
         h, w = rgb.shape[:2]
         blends = result.face_blendshapes or [[] for _ in result.face_landmarks]
         return [_to_face(pts, bs, w, h) for pts, bs in zip(result.face_landmarks, blends)]

@@ -60,16 +60,15 @@ def prepare(
 ) -> None:
     """Preprocess talking-face videos into training clips (crop, landmarks, audio embeddings, splits)."""
     _setup_logging(verbose)
-    from dheads.engine.config import AudioConfig
+    from dheads.engine.encoders import default_audio_config
 
     from .prepare import PrepareConfig
     from .prepare import prepare as run_prepare
 
-    dims = {"whisper": 384, "sda": 256}
-    if encoder not in dims:
+    if encoder not in ("whisper", "sda"):
         _fail(f"--encoder must be whisper or sda, not {encoder!r}")
     try:
-        cfg = PrepareConfig(size=size, audio=AudioConfig(encoder=encoder, dim=dims[encoder]),
+        cfg = PrepareConfig(size=size, audio=default_audio_config(encoder),
                             min_face_fraction=min_face, keep_audio=keep_audio, layout=layout,
                             test_fraction=test_fraction, test_speakers=tuple(test_speaker or ()))
         report = run_prepare(source, out, cfg, jobs=jobs, retry_failed=retry_failed, progress=progress,

@@ -47,6 +47,7 @@ import numpy as np
 
 from dheads.engine.audio import load_audio, num_frames
 from dheads.engine.config import AudioConfig
+from dheads.engine.encoders import default_audio_config
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class PrepareConfig:
 
     size: int = 128
     fps: int = 25
-    audio: AudioConfig = field(default_factory=lambda: AudioConfig(encoder="whisper", dim=384))
+    audio: AudioConfig = field(default_factory=lambda: default_audio_config("whisper"))
     min_face_fraction: float = 0.9  # skip a clip with a face in fewer of its frames
     min_frames: int = 8
     smooth: int = 3  # lip-box smoothing window, frames (odd; 1 = none)

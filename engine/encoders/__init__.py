@@ -24,11 +24,23 @@ import torch
 
 from dheads.engine.config import AudioConfig
 
-__all__ = ["AudioEncoder", "EncoderError", "ENCODERS", "load_encoder"]
+__all__ = ["AudioEncoder", "EncoderError", "ENCODERS", "default_audio_config", "load_encoder"]
 
 log = logging.getLogger(__name__)
 
 ENCODERS = ("sda", "whisper")
+
+
+def default_audio_config(encoder: str) -> AudioConfig:
+    """The AudioConfig a new model records for ``encoder``, every feature-shaping option explicit.
+
+    Explicit options keep a trained model's features fixed even if a default changes later.
+    """
+    if encoder == "whisper":
+        return AudioConfig(encoder="whisper", dim=384, options={"model": "tiny.en", "subtract_silence": True})
+    if encoder == "sda":
+        return AudioConfig(encoder="sda", dim=256)
+    raise EncoderError(f"unknown audio encoder {encoder!r}; use one of {', '.join(ENCODERS)}")
 
 
 class EncoderError(ValueError):

@@ -1,0 +1,114 @@
+"""dh-run end to end on CPU: a decodable mp4 in sync with the audio; bad inputs -> one line, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
+from dheads.engine.cli import app
+from dheads.engine.config import SMALL
+from dheads.engine.encoders import default_audio_config
+from dheads.engine.model import DiffusedHeadsUNet
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A small random model that takes Whisper features (384-d), saved as our checkpoint."""
+    torch.manual_seed(0)
+    net = DiffusedHeadsUNet(dataclasses.replace(SMALL, audio_dim=384))
+    for p in net.parameters():
+        p.data.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("engine") / "small.pt"
+    return save_checkpoint(path, checkpoint_from_model(net, default_audio_config("whisper")))
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_mp4_decodes_with_frames_fps_and_audio_in_sync(shared_data, engine, tmp_path):
+    out = tmp_path / "talk.mp4"
+    wav = shared_data / "speech" / "cmu_arctic_a0007.wav"
+    r = _run("--engine", engine, shared_data / "faces" / "astronaut_512.png", wav, "-o", out, "--steps", "2",
+             "--max-seconds", "1.6")
+    assert r.exit_code == 0, r.stderr
+    n = int(1.6 * 16000) // 640  # the authors' frame rule: 40 frames
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        assert v.average_rate == 25
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == n
+        assert frames[0].shape == (32, 32, 3)
+        assert float(a.duration * a.time_base) == pytest.approx(1.6, abs=0.07)  # within one AAC frame
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.mp4"]
+
+
+def test_same_seed_same_video(shared_data, engine, tmp_path):
+    face, wav = shared_data / "faces" / "astronaut_512.png", shared_data / "speech" / "cmu_arctic_a0007.wav"
+    outs = []
+    for name, seed in (("a.mp4", 1), ("b.mp4", 1), ("c.mp4", 2)):
+        r = _run("--engine", engine, face, wav, "-o", tmp_path / name, "--steps", "2", "--max-seconds", "0.4",
+                 "--seed", seed)
+        assert r.exit_code == 0, r.stderr
+        with av.open(str(tmp_path / name)) as c:
+            outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+def _bad_inputs(shared_data, tmp_path, engine):
+    face = shared_data / "faces" / "astronaut_512.png"
+    wav = shared_data / "speech" / "cmu_arctic_a0007.wav"
+    grey = tmp_path / "grey.png"
+    import cv2
+
+    cv2.imwrite(str(grey), np.full((256, 256, 3), 128, np.uint8))
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    silent_short = tmp_path / "short.wav"
+    sf.write(silent_short, np.zeros(100, np.float32), 16000)
+    other = tmp_path / "other_model.pt"  # records Whisper audio but expects 32-d features
+    torch.manual_seed(0)
+    save_checkpoint(other, checkpoint_from_model(DiffusedHeadsUNet(SMALL), default_audio_config("whisper")))
+    return {
+        "missing face": ([tmp_path / "nope.png", wav, "--engine", engine], r"no such file: .*nope\.png"),
+        "missing audio": ([face, tmp_path / "nope.wav", "--engine", engine], r"no such file: .*nope\.wav"),
+        "no face": ([grey, wav, "--engine", engine], r"no face found in .*grey\.png"),
+        "unreadable audio": ([face, junk, "--engine", engine], r"junk\.wav"),
+        "too short audio": ([face, silent_short, "--engine", engine], r"short\.wav"),
+        "missing engine": ([face, wav, "--engine", tmp_path / "nope.plan"], r"nope\.plan"),
+        "engine for another model": ([face, wav, "--engine", other],
+                                     r"model expects 32-d audio features but the whisper encoder gives 384-d"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing face", "missing audio", "no face", "unreadable audio",
+                                  "too short audio", "missing engine", "engine for another model"])
+def test_bad_input_one_line_exit_2_no_output(shared_data, engine, tmp_path, case):
+    args, pattern = _bad_inputs(shared_data, tmp_path, engine)[case]
+    out = tmp_path / "out.mp4"
+    r = _run(*args, "-o", out)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    line = _error_line(r)
+    assert line.startswith("dh-run: error: ")
+    import re
+
+    assert re.search(pattern, line), line
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4")]
