@@ -1,0 +1,207 @@
+"""Open any engine artifact as a Denoiser: a TensorRT plan, an export bundle, an ONNX file or a checkpoint.
+
+``open_denoiser(path)`` picks the backend from what ``path`` is; ``backend=`` overrides it where the
+artifact allows (a bundle runs with onnxruntime or tensorrt; a checkpoint only with pytorch).
+Heavy libraries (onnxruntime, tensorrt) are imported only when their backend is opened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import AudioConfig, DiffusionConfig, ModelConfig
+from .base import BackendError, BatchProfile, Denoiser, TensorSpec, example_inputs, unet_io_spec
+
+if TYPE_CHECKING:
+    from ..bundle import Manifest
+
+__all__ = ["BACKENDS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec", "example_inputs",
+           "open_denoiser", "unet_io_spec"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an opened engine is: the configs it carries and a one-line description.
+
+    ``precision`` is what the engine computes in (a TensorRT plan's is fixed at export);
+    ``manifest`` is the bundle's manifest, None for a checkpoint.
+    """
+
+    model: ModelConfig
+    audio: AudioConfig
+    diffusion: DiffusionConfig
+    description: str
+    backend: str
+    precision: str
+    path: Path
+    manifest: Manifest | None = None
+
+
+def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device: torch.device | str = "cpu",
+                  precision: str = "fp32", model_config: ModelConfig | None = None,
+                  intra_op_threads: int | None = None) -> tuple[Denoiser, EngineInfo]:
+    """Open ``path`` as a Denoiser on ``device``.
+
+    ``path``: a ``.plan`` (manifest beside it), an export bundle directory, a ``.onnx`` (manifest beside
+    it), a checkpoint ``load_checkpoint`` accepts, or a directory holding exactly one checkpoint.
+    ``backend``: ``"pytorch" | "onnxruntime" | "tensorrt"``; None picks from the artifact (a bundle
+    with a plan runs on TensorRT when it is installed and ``device`` is CUDA, else on ONNX Runtime).
+    ``precision``: ``"fp32" | "fp16"`` for pytorch and onnxruntime (fp16 uses ``unet_fp16.onnx``); a plan
+    computes in the precision it was built with (logged when it differs). ``model_config``: when given,
+    the engine must have been made for exactly this config. Raises BackendError (one line).
+    """
+    path = Path(path)
+    if backend is not None and backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if precision not in ("fp32", "fp16"):
+        raise BackendError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    device = torch.device(device)
+    if not path.exists():
+        raise BackendError(f"{path}: no such file or directory")
+    kind = _artifact_kind(path)
+    if kind == "checkpoint":
+        return _open_checkpoint(_single_checkpoint(path) if path.is_dir() else path, backend, device, precision,
+                                model_config)
+    return _open_exported(path, kind, backend, device, precision, model_config, intra_op_threads)
+
+
+def _artifact_kind(path: Path) -> str:
+    from ..bundle import MANIFEST
+
+    if path.is_dir():
+        return "bundle" if (path / MANIFEST).is_file() else "checkpoint"
+    suffix = path.suffix.lower()
+    if suffix in (".plan", ".engine", ".trt"):
+        return "plan"
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".json":
+        return "bundle"
+    return "checkpoint"
+
+
+def _single_checkpoint(directory: Path) -> Path:
+    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    if len(found) != 1:
+        what = "no checkpoint" if not found else f"{len(found)} checkpoints"
+        raise BackendError(f"{directory}: not an export bundle (no manifest.json) and holds {what}; "
+                           "pass a .plan, .onnx, bundle directory or checkpoint file")
+    return found[0]
+
+
+def _open_checkpoint(path: Path, backend: str | None, device: torch.device, precision: str,
+                     model_config: ModelConfig | None) -> tuple[Denoiser, EngineInfo]:
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from .pytorch import TorchDenoiser
+
+    if backend not in (None, "pytorch"):
+        raise BackendError(f"{path}: a checkpoint runs with the pytorch backend; export it for {backend} "
+                           f"first with `dh-export {path}`")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise BackendError(f"{e}; or pass a .plan, .onnx or export bundle") from None
+    _check_model(path, ckpt.model, model_config)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    den = TorchDenoiser(ckpt.build(), device=device, dtype=dtype, channels_last=device.type == "cuda")
+    info = EngineInfo(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, backend="pytorch",
+                      precision=precision, path=path,
+                      description=f"pytorch {precision} on {device}: {path.name} ({ckpt.source} checkpoint)")
+    return den, info
+
+
+def _open_exported(path: Path, kind: str, backend: str | None, device: torch.device, precision: str,
+                   model_config: ModelConfig | None, intra_op_threads: int | None) -> tuple[Denoiser, EngineInfo]:
+    from ..bundle import UNET_PLAN, BundleError, read_manifest
+
+    bundle = path if path.is_dir() else path.parent
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as e:
+        raise BackendError(f"{path}: needs the manifest.json dh-export writes beside it ({e})") from None
+    _check_model(path, manifest.model, model_config)
+    backend = backend or _default_backend(kind, bundle, manifest, device)
+    if backend == "pytorch":
+        raise BackendError(f"{path}: an export bundle holds no PyTorch weights; pass the checkpoint it was made "
+                           f"from ({manifest.source_name or 'sha256 ' + manifest.source_sha256[:12]}) instead")
+    if backend == "tensorrt":
+        if kind == "onnx":
+            raise BackendError(f"{path}: the tensorrt backend runs a plan; build one with `dh-export` on a GPU "
+                               "machine with TensorRT, or use backend='onnxruntime'")
+        plan = path if kind == "plan" else bundle / (manifest.tensorrt.plan_file if manifest.tensorrt else UNET_PLAN)
+        den, used = _open_plan(plan, manifest, device, precision)
+    else:
+        if kind == "plan":
+            raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
+                               "directory or its .onnx for onnxruntime")
+        den, used = _open_onnx(path if kind == "onnx" else None, bundle, manifest, device, precision,
+                               intra_op_threads)
+    info = EngineInfo(model=manifest.model, audio=manifest.audio, diffusion=manifest.diffusion, backend=backend,
+                      precision=used, path=path, manifest=manifest,
+                      description=f"{backend} {used} on {den.device}: {path.name} "
+                                  f"(exported from {manifest.source_name or 'a checkpoint'})")
+    return den, info
+
+
+def _default_backend(kind: str, bundle: Path, manifest: Manifest, device: torch.device) -> str:
+    if kind == "plan":
+        return "tensorrt"
+    if kind == "onnx":
+        return "onnxruntime"
+    has_plan = manifest.tensorrt is not None and (bundle / manifest.tensorrt.plan_file).is_file()
+    if has_plan and device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def _open_plan(plan: Path, manifest: Manifest, device: torch.device, precision: str) -> tuple[Denoiser, str]:
+    from .tensorrt_ import TrtDenoiser, import_tensorrt
+
+    if not plan.is_file():
+        raise BackendError(f"{plan.parent}: the bundle has no TensorRT plan; build one with `dh-export` on a GPU "
+                           "machine with TensorRT, or use backend='onnxruntime'")
+    import_tensorrt()  # a clear error before anything else when TensorRT is missing
+    if device.type != "cuda":
+        raise BackendError(f"{plan}: TensorRT plans run on CUDA, not {device}; pass device='cuda'")
+    built = manifest.tensorrt.precision if manifest.tensorrt else manifest.precision
+    if precision != built:
+        log.info("%s was built for %s; running it in %s (asked for %s)", plan.name, built, built, precision)
+    return TrtDenoiser(plan, manifest, device=device), built
+
+
+def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torch.device, precision: str,
+               intra_op_threads: int | None) -> tuple[Denoiser, str]:
+    from ..bundle import UNET_ONNX, UNET_ONNX_FP16
+    from .onnxruntime_ import OrtDenoiser
+
+    if onnx is None:
+        onnx = bundle / (UNET_ONNX_FP16 if precision == "fp16" else UNET_ONNX)
+        if not onnx.is_file():
+            raise BackendError(f"{bundle}: the bundle has no {onnx.name}"
+                               + ("; export with --precision fp16 for fp16 ONNX" if precision == "fp16" else ""))
+    used = "fp16" if onnx.name == UNET_ONNX_FP16 else "fp32"
+    return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
+
+
+def _check_model(path: Path, have: ModelConfig, want: ModelConfig | None) -> None:
+    if want is None or have == want:
+        return
+    diff = {k: (v, getattr(want, k)) for k, v in have.to_dict().items() if _norm(v) != _norm(getattr(want, k))}
+    shown = ", ".join(f"{k}={a} (asked {b})" for k, (a, b) in list(diff.items())[:3])
+    raise BackendError(f"{path}: engine was made for another model config: {shown}; re-export the right checkpoint")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v

@@ -1,0 +1,124 @@
+"""ONNX Runtime backend: runs an exported ``unet.onnx`` (CPU EP, or CUDA EP with I/O binding).
+
+On CUDA the inputs are bound by pointer straight from torch tensors and the output is written into a
+torch buffer this backend owns, so no copy goes through the host. ONNX Runtime synchronises its
+stream at the end of every run, so this backend is not graph-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from .base import UNET_INPUTS, UNET_OUTPUTS, BackendError, unet_io_spec
+
+log = logging.getLogger(__name__)
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed; pip install onnxruntime "
+                           "(or onnxruntime-gpu for CUDA)") from None
+    return ort
+
+
+class OrtDenoiser:
+    """``denoiser(x_t, timesteps, identity, motion_frames, audio_emb) -> model_out`` via ONNX Runtime.
+
+    ``intra_op_threads``: CPU threads per operator (default: ONNX Runtime's choice, all cores).
+    On CUDA, ``onnxruntime-gpu`` must be installed; the session runs on torch's current stream when it
+    is not the legacy default stream.
+    """
+
+    name = "onnxruntime"
+    graph_safe = False
+
+    def __init__(self, onnx_path: str | os.PathLike, config: ModelConfig, *, device: torch.device | str = "cpu",
+                 intra_op_threads: int | None = None):
+        ort = _import_ort()
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such ONNX file")
+        self.device = torch.device(device)
+        self.config = config
+        self.inputs, self.outputs = unet_io_spec(config)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        providers = self._providers(ort)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+        self._check_io()
+        self._out: dict[int, torch.Tensor] = {}
+        log.info("onnxruntime %s on %s (%s)", ort.__version__, self.device, self.session.get_providers()[0])
+
+    def _providers(self, ort) -> list:
+        if self.device.type == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.device.type != "cuda":
+            raise BackendError(f"onnxruntime backend runs on cpu or cuda, not {self.device}")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("onnxruntime has no CUDA execution provider here; pip install onnxruntime-gpu, "
+                               "or use device='cpu' or the tensorrt backend")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        cuda_opts: dict[str, str] = {"device_id": str(index)}
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        if stream:  # ORT treats 0 (the legacy default stream) as "no user stream"
+            cuda_opts["user_compute_stream"] = str(stream)
+        self._stream = stream
+        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+    def _check_io(self) -> None:
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if sorted(got_in) != sorted(UNET_INPUTS) or got_out != list(UNET_OUTPUTS):
+            raise BackendError(f"{self.path}: inputs {got_in} / outputs {got_out} are not the UNet's "
+                               f"{list(UNET_INPUTS)} / {list(UNET_OUTPUTS)}; re-export with dh-export")
+
+    def _feeds(self, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        b = args[0].shape[0]
+        return {spec.name: t.detach().to(device=self.device, dtype=torch.float32).reshape(spec.concrete(b)).contiguous()
+                for spec, t in zip(self.inputs, args)}
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, identity: torch.Tensor,
+                 motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
+        """Shapes as ``unet_io_spec``; motion frames may also be ``[B, M, c, H, W]``. Returns ``[B, C_out, H, W]``."""
+        feeds = self._feeds((x_t, timesteps, identity, motion_frames, audio_emb))
+        if self.device.type == "cpu":
+            out = self.session.run(list(UNET_OUTPUTS), {k: v.numpy() for k, v in feeds.items()})[0]
+            return torch.from_numpy(out)
+        return self._run_cuda(feeds, x_t.shape[0])
+
+    def _run_cuda(self, feeds: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        index = self.device.index
+        binding = self.session.io_binding()
+        for name, t in feeds.items():
+            binding.bind_input(name=name, device_type="cuda", device_id=index, element_type=np.float32,
+                               shape=tuple(t.shape), buffer_ptr=t.data_ptr())
+        out = self._out.get(batch)
+        if out is None:
+            out = self._out[batch] = torch.empty(self.outputs[0].concrete(batch), device=self.device)
+        binding.bind_output(name=self.outputs[0].name, device_type="cuda", device_id=index,
+                            element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr())
+        current = torch.cuda.current_stream(self.device)
+        if not self._stream or current.cuda_stream != self._stream:
+            current.synchronize()  # ORT runs on another stream: what torch wrote must be ready first
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

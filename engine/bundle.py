@@ -1,0 +1,263 @@
+"""The export bundle: a directory of exported engines plus the manifest that says what they are.
+
+``dh-export`` writes it; the runtime reads it through :func:`read_manifest` alone (this module imports
+nothing from ``dheads.export``). A bundle holds:
+
+* ``manifest.json``: :class:`Manifest` (configs, I/O specs, batch profile, precision, hashes, versions);
+* ``unet.onnx``: the fp32 UNet, static image size, dynamic batch axis ``batch``;
+* ``unet_fp16.onnx`` (``--precision fp16``): the same graph in fp16 with fp32 I/O, GroupNorm, softmax and
+  timestep embedding (what a strongly typed TensorRT network is built from);
+* ``unet.plan`` + ``timing.cache`` where TensorRT was available at export time;
+* ``audio_encoder.onnx`` when the SDA encoder was exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.base import BatchProfile, TensorSpec
+from .config import AudioConfig, DiffusionConfig, ModelConfig
+
+FORMAT = "dheads-bundle"
+VERSION = 1
+PRECISIONS = ("fp32", "fp16")
+
+MANIFEST = "manifest.json"
+UNET_ONNX = "unet.onnx"
+UNET_ONNX_FP16 = "unet_fp16.onnx"
+UNET_PLAN = "unet.plan"
+TIMING_CACHE = "timing.cache"
+AUDIO_ONNX = "audio_encoder.onnx"
+
+
+class BundleError(ValueError):
+    """A bundle or manifest that is missing, unreadable or of another format (one-line message)."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of the bundle, by name relative to the bundle directory."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, directory: str | os.PathLike, name: str) -> BundleFile:
+        path = Path(directory) / name
+        return cls(name=name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class TensorRTRecord:
+    """How ``unet.plan`` was built. A plan only runs on the TensorRT version and GPU it was built for.
+
+    ``typing``: ``"strong"`` (strongly typed network from ``unet_fp16.onnx``) or ``"weak"`` (fp32 ONNX with
+    the FP16 builder flag and fp32 precision constraints on norms and softmax). ``precision`` matches the
+    manifest's.
+    """
+
+    version: str
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    plan_sha256: str
+    typing: str
+    onnx_file: str
+    precision: str
+    plan_file: str = UNET_PLAN
+    timing_cache_file: str | None = TIMING_CACHE
+    workspace_bytes: int | None = None
+    builder_optimization_level: int | None = None
+    build_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["compute_capability"] = list(self.compute_capability)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorRTRecord:
+        d = dict(d)
+        d["compute_capability"] = tuple(d["compute_capability"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class AudioEncoderRecord:
+    """The audio encoder the model expects: exported (``kind="onnx"``, ``file`` set) or only named.
+
+    ``encoder`` is the :class:`AudioConfig` encoder name. ``options`` carries what a runtime needs to
+    drive the exported unit (window, hop, padding, state shape, parity numbers) as JSON values.
+    """
+
+    kind: str  # "onnx" | "record"
+    encoder: str
+    file: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoder": self.encoder, "file": self.file,
+                "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+                "options": self.options}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AudioEncoderRecord:
+        return cls(kind=d["kind"], encoder=d["encoder"], file=d.get("file"),
+                   inputs=tuple(TensorSpec.from_dict(s) for s in d.get("inputs", ())),
+                   outputs=tuple(TensorSpec.from_dict(s) for s in d.get("outputs", ())),
+                   options=dict(d.get("options") or {}))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs to drive the bundle's engines, and what they were made from.
+
+    ``verification`` holds the parity numbers measured at export time (JSON values only);
+    ``tools`` the versions of the libraries that made the files.
+    """
+
+    model: ModelConfig
+    audio: AudioConfig
+    diffusion: DiffusionConfig
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: BatchProfile
+    precision: str
+    source_sha256: str
+    source_name: str = ""
+    source_kind: str = ""
+    opset: int = 18
+    tools: dict[str, str] = field(default_factory=dict)
+    files: tuple[BundleFile, ...] = ()
+    verification: dict[str, Any] = field(default_factory=dict)
+    tensorrt: TensorRTRecord | None = None
+    audio_encoder: AudioEncoderRecord | None = None
+    created: str = ""
+    format: str = FORMAT
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BundleError(f"manifest precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def file(self, name: str) -> BundleFile | None:
+        """The record of file ``name``, or None when the bundle does not hold it."""
+        return next((f for f in self.files if f.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "created": self.created,
+            "model": self.model.to_dict(),
+            "audio": self.audio.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "profile": self.profile.to_dict(),
+            "precision": self.precision,
+            "opset": self.opset,
+            "source": {"name": self.source_name, "kind": self.source_kind, "sha256": self.source_sha256},
+            "tools": dict(self.tools),
+            "files": [dataclasses.asdict(f) for f in self.files],
+            "verification": self.verification,
+            "tensorrt": self.tensorrt.to_dict() if self.tensorrt else None,
+            "audio_encoder": self.audio_encoder.to_dict() if self.audio_encoder else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        src = d.get("source") or {}
+        return cls(
+            model=ModelConfig.from_dict(d["model"]),
+            audio=AudioConfig.from_dict(d["audio"]),
+            diffusion=DiffusionConfig.from_dict(d["diffusion"]),
+            inputs=tuple(TensorSpec.from_dict(s) for s in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
+            profile=BatchProfile(**d["profile"]),
+            precision=d["precision"],
+            source_sha256=src.get("sha256", ""),
+            source_name=src.get("name", ""),
+            source_kind=src.get("kind", ""),
+            opset=d.get("opset", 18),
+            tools=dict(d.get("tools") or {}),
+            files=tuple(BundleFile(**f) for f in d.get("files", ())),
+            verification=d.get("verification") or {},
+            tensorrt=TensorRTRecord.from_dict(d["tensorrt"]) if d.get("tensorrt") else None,
+            audio_encoder=AudioEncoderRecord.from_dict(d["audio_encoder"]) if d.get("audio_encoder") else None,
+            created=d.get("created", ""),
+            format=d.get("format", FORMAT),
+            version=d.get("version", VERSION),
+        )
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if it names a file, else ``path/manifest.json``."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write ``manifest`` as JSON to ``path`` (a bundle directory or a file), atomically."""
+    path = manifest_path(path)
+    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a manifest is as readable as its bundle
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read the manifest of a bundle directory (or a manifest file); BundleError with one line if bad."""
+    path = manifest_path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no manifest (not an export bundle made by dh-export)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({_first_line(e)})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a {FORMAT} manifest")
+    if data.get("version", 0) > VERSION:
+        raise BundleError(f"{path}: bundle version {data['version']} is newer than this package understands "
+                          f"({VERSION}); upgrade diffused-heads")
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

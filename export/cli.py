@@ -1,0 +1,137 @@
+"""dh-export: a checkpoint in, a verified bundle (ONNX, manifest, TensorRT plan where possible) out.
+
+Flags become arguments of one library call (:func:`dheads.export.pipeline.run_export`). Bad inputs print
+one line on stderr and exit 2; a failed parity check prints one line and exits 1; either way nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dheads.engine.backends.base import BatchProfile
+
+from .errors import FAILURES, USER_ERRORS
+
+log = logging.getLogger("dheads.export")
+err = Console(stderr=True)
+out = Console()
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Export a Diffused Heads checkpoint to a verified ONNX / TensorRT bundle.")
+
+
+def parse_batch(text: str) -> BatchProfile:
+    """``"N"`` (fixed batch) or ``"MIN:OPT:MAX"``."""
+    try:
+        parts = [int(p) for p in text.split(":")]
+        if len(parts) == 1:
+            return BatchProfile(parts[0], parts[0], parts[0])
+        if len(parts) == 3:
+            return BatchProfile(*parts)
+    except ValueError as e:
+        if "profile" in str(e):
+            raise typer.BadParameter(str(e), param_hint="--batch") from None
+    raise typer.BadParameter(f"expected N or MIN:OPT:MAX, got {text!r}", param_hint="--batch")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _summary(result) -> None:
+    m = result.manifest
+    files = Table(title=f"bundle {result.out_dir}", show_header=True)
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for f in m.files:
+        files.add_row(escape(f.name), _size(f.bytes), f.sha256[:16])
+    out.print(files)
+    parity = Table(title="parity against eager PyTorch (fresh random inputs)")
+    for col in ("engine", "output", "max abs", "rel", "rtol / atol", "ok"):
+        parity.add_column(col)
+    for r in result.reports:
+        for name, s in r.stats.items():
+            parity.add_row(escape(r.engine), escape(name), f"{s.max_abs:.3g}", f"{s.rel:.3g}",
+                           f"{r.tolerance.rtol:g} / {r.tolerance.atol:g}", "yes" if s.passes(r.tolerance) else "NO")
+    out.print(parity)
+    times = Table(title="time", show_header=False)
+    for stage, seconds in result.timings.items():
+        times.add_row(stage, f"{seconds:.1f} s")
+    times.add_row("total", f"{sum(result.timings.values()):.1f} s")
+    out.print(times)
+    if m.tensorrt is None:
+        out.print("no unet.plan: TensorRT or a CUDA GPU was not available (run dh-export again on the GPU machine)")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint: ours, the authors' crema_script.pt, or Lightning."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle directory "
+                                          "(default: CHECKPOINT's name + '_bundle', beside it)."),
+    audio_encoder: Optional[Path] = typer.Option(None, "--audio-encoder", help="The authors' audio_encoder.pt, "
+                                                 "to bundle the SDA encoder as ONNX."),
+    precision: str = typer.Option("fp16", help="fp16 | fp32: precision of the TensorRT plan (fp16 also writes "
+                                  "unet_fp16.onnx)."),
+    batch: str = typer.Option("1", help="Batch sizes the engine accepts: N, or MIN:OPT:MAX."),
+    opset: int = typer.Option(18, help="ONNX opset (18..21)."),
+    image_size: Optional[int] = typer.Option(None, help="Resolution to export at, for checkpoints that do not "
+                                             "record it (TorchScript, Lightning: default 128)."),
+    tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt", help="Build unet.plan "
+                                            "(default: when TensorRT and a CUDA GPU are present)."),
+    typing_: str = typer.Option("auto", "--typing", help="TensorRT network typing: auto | strong | weak."),
+    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to reuse and update."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --output."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the parity-check inputs (default: fresh random)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the exporter does."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .pipeline import run_export
+
+    profile = parse_batch(batch)
+    out_dir = output if output is not None else checkpoint.with_name(checkpoint.stem + "_bundle")
+    try:
+        with err.status("starting") as status:
+            def on_stage(name: str) -> None:  # a transient spinner: stderr stays clean when not a terminal
+                status.update(f"{escape(name)} ...")
+
+            result = run_export(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
+                                profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
+                                timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
+                                on_stage=on_stage)
+    except USER_ERRORS as e:
+        _fail(e, 2)
+    except FAILURES as e:
+        _fail(e, 1)
+    except OSError as e:
+        _fail(f"{e.filename or out_dir}: {e.strerror or e}", 2)
+    _summary(result)
+
+
+def _fail(e: BaseException | str, code: int) -> None:
+    text = str(e).strip().splitlines()
+    err.print(f"dh-export: error: {text[0] if text else type(e).__name__}", markup=False, highlight=False,
+              soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console script entry point."""
+    app(prog_name="dh-export")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
