@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .audio import AudioError
 from .backends.base import BackendError
+from .bundle import BundleError
 from .checkpoint import CheckpointError
 from .encoders import EncoderError
 from .face import FaceError
@@ -11,6 +12,6 @@ from .image import ImageError
 from .video import VideoError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    AudioError, BackendError, CheckpointError, EncoderError, FaceError, ImageError, VideoError,
+    AudioError, BackendError, BundleError, CheckpointError, EncoderError, FaceError, ImageError, VideoError,
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
 )

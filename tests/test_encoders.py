@@ -214,7 +214,7 @@ def test_load_encoder_errors(tmp_path):
     msg = r"^unknown audio encoder 'wav2vec' in AudioConfig; use one of sda, whisper$"
     with pytest.raises(EncoderError, match=msg):
         load_encoder(AudioConfig(encoder="wav2vec"))
-    with pytest.raises(EncoderError, match=r"needs the released audio_encoder\.pt; pass its path"):
+    with pytest.raises(EncoderError, match=r"needs the released audio_encoder\.pt; pass it with --audio-encoder"):
         load_encoder(AudioConfig())
     with pytest.raises(EncoderError, match=r"missing\.pt: SDA weights file not found"):
         load_encoder(AudioConfig(), tmp_path / "missing.pt")

@@ -90,7 +90,8 @@ def _load_sda(config: AudioConfig, path: str | Path | None) -> AudioEncoder:
     path = path if path is not None else config.options.get("path")
     if path is None:
         raise EncoderError(
-            "the SDA encoder needs the released audio_encoder.pt; pass its path to load_encoder"
+            "this model uses the SDA audio encoder, which needs the released audio_encoder.pt; "
+            "pass it with --audio-encoder (dh-run) or load_encoder(config, path)"
         )
     if not Path(path).is_file():
         raise EncoderError(f"{path}: SDA weights file not found; pass the released audio_encoder.pt")
