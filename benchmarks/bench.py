@@ -22,9 +22,9 @@ import torch
 
 from dheads.engine.backends.base import Denoiser, example_inputs
 from dheads.engine.backends.pytorch import TorchDenoiser
-from dheads.engine.config import CREMA, SMALL, ModelConfig, SamplerConfig
+from dheads.engine.config import CREMA, SMALL, SamplerConfig
 from dheads.engine.generate import FrameLoop, LoopConfig
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import DiffusedHeadsUNet, random_unet
 from dheads.engine.schedule import cosine_schedule, respace
 
 from .authors_loop import authors_frame
@@ -74,16 +74,6 @@ def summarize(xs: list[float]) -> dict[str, float]:
     """Median and spread in milliseconds."""
     ms = sorted(x * 1000 for x in xs)
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
-
-
-def random_model(cfg: ModelConfig, seed: int) -> DiffusedHeadsUNet:
-    """Random weights with small std: the zero-initialised output convs would make every output 0."""
-    torch.manual_seed(seed)
-    net = DiffusedHeadsUNet(cfg).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-    return net
 
 
 def _inputs(den: Denoiser, batch: int) -> list[torch.Tensor]:
@@ -183,7 +173,7 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
 
     device = pick_device(bc.device)
     cfg = MODELS[bc.model]
-    model = random_model(cfg, bc.seed)
+    model = random_unet(cfg, seed=bc.seed)
     rows = []
     for backend in bc.backends:
         for precision in bc.precisions:

@@ -17,11 +17,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .backends.base import BatchProfile, TensorSpec
 from .config import AudioConfig, DiffusionConfig, ModelConfig
 
@@ -209,19 +209,7 @@ def manifest_path(path: str | os.PathLike) -> Path:
 def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
     """Write ``manifest`` as JSON to ``path`` (a bundle directory or a file), atomically."""
     path = manifest_path(path)
-    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a manifest is as readable as its bundle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -244,10 +232,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -5,24 +5,18 @@
 
 from __future__ import annotations
 
-import torch
 
 from dheads.engine.backends.base import BatchProfile
 from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
 from dheads.engine.config import SMALL
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import DiffusedHeadsUNet, random_unet
 
 PROFILE = BatchProfile(1, 2, 3)
 
 
 def small_model(seed: int = 0) -> DiffusedHeadsUNet:
     """SMALL UNet with every parameter N(0, 0.02): the zero-init output convs would make parity trivial."""
-    torch.manual_seed(seed)
-    model = DiffusedHeadsUNet(SMALL).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model
+    return random_unet(SMALL, seed=seed)
 
 
 def small_export(config, tmp_path_factory):

@@ -16,16 +16,12 @@ from dheads.engine.checkpoint import (
     save_checkpoint,
 )
 from dheads.engine.config import SMALL, AudioConfig, DiffusionConfig
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import random_unet
 
 
 @pytest.fixture(scope="module")
 def net():
-    torch.manual_seed(0)
-    m = DiffusedHeadsUNet(SMALL).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.02)
-    return m
+    return random_unet(SMALL)
 
 
 def _inputs(batch=1):

@@ -8,17 +8,13 @@ import torch
 from dheads.engine.backends.pytorch import TorchDenoiser
 from dheads.engine.config import SMALL, SamplerConfig
 from dheads.engine.generate import FrameLoop, LoopConfig, generate_frames
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import random_unet
 from dheads.engine.reference import generate_reference
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = DiffusedHeadsUNet(SMALL).eval()
-    for p in net.parameters():
-        p.data.normal_(0, 0.05)
-    return net
+    return random_unet(SMALL, std=0.05)
 
 
 def _data(n=5, seed=1):

@@ -11,19 +11,14 @@ import torch
 from dheads.engine.backends.pytorch import TorchDenoiser
 from dheads.engine.config import CREMA, SMALL, SamplerConfig
 from dheads.engine.generate import LoopConfig, generate_frames
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import random_unet
 from dheads.engine.reference import generate_reference
 
 pytestmark = pytest.mark.gpu
 
 
 def _model(cfg, seed=0):
-    torch.manual_seed(seed)
-    net = DiffusedHeadsUNet(cfg).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-    return net
+    return random_unet(cfg, seed=seed)
 
 
 def _run(den, ident, audio, noise, sampler, graph):

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from dheads.engine.config import SMALL, SamplerConfig
-from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.model import random_unet
 from dheads.engine.reference import generate_reference
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = DiffusedHeadsUNet(SMALL).eval()
-    for p in net.parameters():
-        p.data.normal_(0, 0.03)
-    return net
+    return random_unet(SMALL, std=0.03)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from dheads.engine.atomic import atomic_write, atomic_write_text
 from dheads.engine.audio import load_audio, num_frames
 from dheads.engine.config import AudioConfig
 from dheads.engine.encoders import default_audio_config
@@ -55,8 +55,6 @@ FORMAT = "dheads-clips"
 VERSION = 1
 VIDEO_SUFFIXES = frozenset({".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v"})
 LAYOUTS = ("auto", "crema", "lrw", "grid", "folder")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _CREMA = re.compile(r"^(\d{4})_[A-Z]{3}_[A-Z]{3}_[A-Z]{2}$")
 _GRID_SPEAKER = re.compile(r"^s(\d+)(_processed)?$")
 _LRW_SPLITS = ("train", "val", "test")
@@ -298,18 +296,8 @@ def process_clip(src: ClipSource, cfg: PrepareConfig, encoder: Callable[[np.ndar
 
 def write_clip(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an uncompressed npz atomically (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -371,10 +359,8 @@ def _check_settings(out: Path, cfg: PrepareConfig) -> None:
             raise ValueError(f"{out} was prepared with different settings ({old.get('shaping')}); "
                              "use a new output folder or the same settings")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = settings.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "shaping": cfg.shaping(),
-                               "settings": cfg.to_dict(), "audio": cfg.audio.to_dict()}, indent=2))
-    os.replace(tmp, settings)
+    atomic_write_text(settings, json.dumps({"format": FORMAT, "version": VERSION, "shaping": cfg.shaping(),
+                                            "settings": cfg.to_dict(), "audio": cfg.audio.to_dict()}, indent=2))
 
 
 def _read_failures(out: Path) -> dict[str, str]:
@@ -480,17 +466,11 @@ def _write_index(out: Path, clips: list[ClipSource], metas: dict[str, dict], cfg
                           "n_frames": metas[c.id]["n_frames"]})
     names = sorted({"train", "test"} | {e["split"] for e in index})
     report.splits = {s: [e["id"] for e in index if e["split"] == s] for s in names}
-    _atomic_text(out / "index.json", json.dumps({"format": FORMAT, "version": VERSION,
+    atomic_write_text(out / "index.json", json.dumps({"format": FORMAT, "version": VERSION,
                                                   "audio": cfg.audio.to_dict(), "size": cfg.size,
                                                   "fps": cfg.fps, "clips": index}, indent=1))
     for s, ids in report.splits.items():
-        _atomic_text(out / f"{s}.txt", "".join(i + "\n" for i in ids))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_text(out / f"{s}.txt", "".join(i + "\n" for i in ids))
 
 
 __all__ = ["PrepareConfig", "ClipSource", "PrepareReport", "SkipClip", "prepare", "process_clip",

@@ -89,3 +89,16 @@ class DiffusedHeadsUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), t_emb, a_emb)
         return self.out(h)
+
+
+def random_unet(config: ModelConfig, *, seed: int = 0, std: float = 0.02) -> DiffusedHeadsUNet:
+    """A UNet in eval mode with every parameter drawn from N(0, std), for benchmarks and parity checks.
+
+    A freshly initialised model would not do: its zero-initialised output convs make every output 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    net = DiffusedHeadsUNet(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, std, generator=g)
+    return net
