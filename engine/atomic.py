@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import IO
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """Permissions of an ordinary new file: ``0o666 & ~umask`` (mkstemp's default is 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -29,7 +30,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()

@@ -25,6 +25,8 @@ from types import TracebackType
 import av
 import numpy as np
 
+from .atomic import file_mode
+
 log = logging.getLogger(__name__)
 
 # libx264 quality: crf 18 is "visually lossless" for natural video; 128x128 encodes in ~1 ms a frame.
@@ -198,6 +200,7 @@ class MP4Writer:
             raise VideoError(f"H.264 yuv420p needs even frame sides, got {width}x{height} for {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        os.chmod(tmp, file_mode())  # an ordinary file once renamed, not mkstemp's 0600
         os.close(fd)
         self._tmp = Path(tmp)
         self._container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from dheads.engine.atomic import file_mode
 from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
 from dheads.engine.cli import app
 from dheads.engine.config import SMALL
@@ -57,6 +58,7 @@ def test_mp4_decodes_with_frames_fps_and_audio_in_sync(shared_data, engine, tmp_
         assert frames[0].shape == (32, 32, 3)
         assert float(a.duration * a.time_base) == pytest.approx(1.6, abs=0.07)  # within one AAC frame
     assert [p.name for p in tmp_path.iterdir()] == ["talk.mp4"]
+    assert out.stat().st_mode & 0o777 == file_mode()  # an ordinary file, not the temp file's 0600
 
 
 def test_same_seed_same_video(shared_data, engine, tmp_path):
