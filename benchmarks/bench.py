@@ -6,6 +6,7 @@ report median and spread, write JSON (+ the machine and the command) and a markd
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -153,8 +154,8 @@ def machine_info(device: torch.device) -> dict[str, object]:
 def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: torch.device, workdir: Path) -> Denoiser:
     """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime: exported into ``workdir``)."""
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    if name == "pytorch":
-        return TorchDenoiser(model, device=device, dtype=dtype, channels_last=device.type == "cuda")
+    if name == "pytorch":  # a copy: TorchDenoiser converts its module in place (fp16, channels-last)
+        return TorchDenoiser(copy.deepcopy(model), device=device, dtype=dtype, channels_last=device.type == "cuda")
     from dheads.engine.backends import open_denoiser
     from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
     from dheads.export.pipeline import export_bundle

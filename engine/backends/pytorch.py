@@ -9,7 +9,10 @@ from ..model import DiffusedHeadsUNet
 
 
 class TorchDenoiser:
-    """Runs the eager UNet. On CUDA it is graph-safe (no host sync), so the loop may capture it."""
+    """Runs the eager UNet. On CUDA it is graph-safe (no host sync), so the loop may capture it.
+
+    The module is moved and cast in place (``nn.Module.to``): pass a copy to keep the original.
+    """
 
     name = "pytorch"
 
