@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,9 +171,14 @@ def face_signals(path: str | os.PathLike, *, max_frames: int | None = None) -> t
     from dheads.engine.video import read_frames
 
     path = Path(path)
+    return frame_signals(read_frames(path, max_frames=max_frames), fps=_probe(path).fps)
+
+
+def frame_signals(frames: Iterable[np.ndarray], *, fps: float = 25.0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`face_signals` of frames in memory (uint8 ``[H, W, 3]``, in order, tracked at ``fps``)."""
     sig = _Signals()
-    with _open_landmarker(_probe(path).fps) as landmarker:
-        for rgb in read_frames(path, max_frames=max_frames):
+    with _open_landmarker(fps) as landmarker:
+        for rgb in frames:
             _add_face(sig, _detect(landmarker, rgb))
     return np.array(sig.mouth, dtype=np.float64), np.array(sig.closure, dtype=np.float64)
 

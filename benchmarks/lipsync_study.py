@@ -18,10 +18,9 @@ import numpy as np
 import typer
 
 from dheads.engine.audio import load_audio
-from dheads.engine.face import FaceLandmarker
 from dheads.engine.pipeline import TalkingHead
 
-from .evaluate import _add_face, _Signals
+from .evaluate import frame_signals
 from .metrics import lip_sync_proxy, loudness_envelope
 
 log = logging.getLogger(__name__)
@@ -29,12 +28,8 @@ log = logging.getLogger(__name__)
 
 def mouth_signal(frames: list[np.ndarray], size: int = 256) -> np.ndarray:
     """Per-frame mouth opening (NaN where no face) on frames upscaled to ``size`` px."""
-    sig = _Signals()
-    with FaceLandmarker(video=True, max_faces=1) as lm:
-        for f in frames:
-            faces = lm.detect(cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=cv2.INTER_CUBIC))
-            _add_face(sig, faces[0] if faces else None)
-    return np.array(sig.mouth, dtype=np.float64)
+    big = (cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=cv2.INTER_CUBIC) for f in frames)
+    return frame_signals(big)[0]
 
 
 def study(clips: list[Path], engine: str | None, seed: int = 0) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 from dheads.engine.conditioning import audio_window_indices, motion_transform
 from dheads.engine.config import AudioConfig, ModelConfig
+from dheads.engine.image import to_tensor
 
 from .config import LossConfig
 from .losses import lip_pad_pixels, pad_box
@@ -190,7 +191,7 @@ def _frame(clip: Clip, j: int, size: int) -> torch.Tensor:
 
         interp = cv2.INTER_AREA if rgb.shape[0] > size else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (size, size), interpolation=interp)
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
+    return to_tensor(rgb)[0]
 
 
 class FrameDataset(torch.utils.data.Dataset):

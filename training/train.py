@@ -434,6 +434,7 @@ def write_preview(ckpt: Checkpoint, data: str | os.PathLike, path: str | os.Path
     the clip's audio, to ``path`` (mp4). The clip: ``clip`` by id, else the first test clip, else
     the first training clip."""
     from dheads.engine.config import SamplerConfig
+    from dheads.engine.image import to_uint8_frames
     from dheads.engine.reference import generate_reference
     from dheads.engine.video import write_mp4
 
@@ -455,7 +456,7 @@ def write_preview(ckpt: Checkpoint, data: str | os.PathLike, path: str | os.Path
     gen = generate_reference(net, identity.to(device), emb.to(device), sampler=cfg,
                              num_timesteps=ckpt.diffusion.num_timesteps, seed=seed).cpu()
     side = torch.cat([gen, real], dim=3)  # generated | real
-    rgb = ((side.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    rgb = to_uint8_frames(side)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(path, list(rgb), fps=ckpt.audio.fps, audio=audio, sample_rate=ckpt.audio.sample_rate)
