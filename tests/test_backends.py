@@ -92,6 +92,14 @@ def test_checkpoint_opens_with_pytorch(exported, reference):
     assert torch.equal(den(*inputs()), reference(*inputs()))
 
 
+def test_checkpoint_opens_in_fp16_channels_last(exported, reference):
+    den, info = open_denoiser(exported[0], precision="fp16")
+    assert info.precision == "fp16" and den.dtype == torch.float16 and den.channels_last
+    assert next(den.model.parameters()).dtype == torch.float16
+    stats = measure(den(*inputs()), reference(*inputs()))
+    assert 0 < stats.rel < 5e-3, stats  # fp16 weights and activations: ~4e-4
+
+
 def test_directory_holding_one_checkpoint_opens_it(exported, tmp_path):
     shutil.copy(exported[0], tmp_path / "model.pt")
     den, info = open_denoiser(tmp_path)

@@ -115,7 +115,7 @@ def _open_checkpoint(path: Path, backend: str | None, device: torch.device, prec
         raise BackendError(f"{e}; or pass a .plan, .onnx or export bundle") from None
     _check_model(path, ckpt.model, model_config)
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    den = TorchDenoiser(ckpt.build(), device=device, dtype=dtype, channels_last=device.type == "cuda")
+    den = TorchDenoiser(ckpt.build(), device=device, dtype=dtype)
     info = EngineInfo(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, backend="pytorch",
                       precision=precision, path=path,
                       description=f"pytorch {precision} on {device}: {path.name} ({ckpt.source} checkpoint)")
