@@ -13,10 +13,11 @@ import torch
 _LUMA = (0.2989, 0.587, 0.114)
 
 
-def audio_window_indices(n_frames: int, window: int = 2) -> torch.Tensor:
-    """[n_frames, 2w+1] int64: row i = clamp(i-w..i+w, 0, n_frames-1)."""
+def audio_window_indices(n_frames: int, window: int = 2, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(frames), 2w+1] int64: the row of frame i is clamp(i-w..i+w, 0, n_frames-1); frames: all by default."""
+    frames = torch.arange(n_frames) if frames is None else torch.as_tensor(frames, dtype=torch.int64)
     offsets = torch.arange(-window, window + 1)
-    return (torch.arange(n_frames)[:, None] + offsets[None]).clamp_(0, n_frames - 1)
+    return (frames[:, None] + offsets[None]).clamp_(0, n_frames - 1)
 
 
 def audio_windows(emb: torch.Tensor, window: int = 2) -> torch.Tensor:

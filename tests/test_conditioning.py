@@ -47,3 +47,8 @@ def test_grayscale_motion_is_luma():
     ring = MotionRing(1, 2, 1, 2, grayscale=True)
     ring.reset(frame)
     assert torch.allclose(ring.flat, torch.full((1, 2, 2, 2), 0.2989))
+
+
+def test_audio_window_rows_for_chosen_frames_equal_the_full_table():
+    full = audio_window_indices(10, 2)
+    assert torch.equal(audio_window_indices(10, 2, frames=torch.tensor([9, 0, 4])), full[[9, 0, 4]])

@@ -54,7 +54,7 @@ def motion_indices(target: int, motion_frames: int = 2) -> list[int]:
 
 def audio_indices(target: int, n_frames: int, window: int = 2) -> np.ndarray:
     """Rows ``target-w .. target+w`` clamped to ``[0, n_frames-1]`` (the engine's rule)."""
-    return audio_window_indices(n_frames, window)[target].numpy()
+    return audio_window_indices(n_frames, window, frames=torch.tensor([target]))[0].numpy()
 
 
 def sample_spec(rng: np.random.Generator, lengths: Sequence[int], identity: str = "random"
