@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test clean
+.PHONY: venv test gpu-check clean
 
 $(BIN)/dh-run: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,13 @@ venv: $(BIN)/dh-run
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# On a GPU machine, in an environment that has dheads installed with a CUDA build of torch (not .venv,
+# whose torch is the CPU wheel): the GPU and TensorRT tests, then the full-size benchmark into
+# benchmarks/results/crema_cuda.{json,md}.
+gpu-check:
+	python3 -m pytest -m "gpu or tensorrt" -rs
+	dh-bench --model crema --device cuda --backends pytorch --precisions fp32,fp16 --steps 100 --frames 3 --batch 4
 
 clean:
 	rm -rf $(VENV) build *.egg-info

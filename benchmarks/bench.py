@@ -6,6 +6,7 @@ report median and spread, write JSON (+ the machine and the command) and a markd
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -49,6 +50,7 @@ class BenchConfig:
     warmup: int = 2
     reference: bool = True
     cuda_graph: bool = True
+    timing: bool = True
     seed: int = 0
 
 
@@ -80,6 +82,31 @@ def summarize(xs: list[float]) -> dict[str, float]:
 def _inputs(den: Denoiser, batch: int) -> list[torch.Tensor]:
     x = example_inputs(den.config, batch, device=den.device, generator=torch.Generator().manual_seed(0))
     return [x[k] for k in ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")]
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """No TF32 in convolutions or matmuls (PyTorch allows it in cuDNN convolutions by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def reference_output(model: DiffusedHeadsUNet, device: torch.device, batch: int = 1) -> torch.Tensor:
+    """The eager fp32 UNet (strict fp32, no TF32) on the benchmark inputs: what every backend must match."""
+    den = TorchDenoiser(copy.deepcopy(model), device=device)
+    with torch.no_grad(), strict_fp32():
+        return den(*_inputs(den, batch)).float()
+
+
+def parity(den: Denoiser, ref: torch.Tensor) -> dict[str, float]:
+    """Relative L2 and max abs error of one UNet call against ``reference_output`` (same inputs)."""
+    with torch.no_grad():
+        out = den(*_inputs(den, ref.shape[0])).float().to(ref.device)
+    return {"rel_l2": ((out - ref).norm() / ref.norm()).item(), "max_abs": (out - ref).abs().max().item()}
 
 
 def bench_forward(den: Denoiser, batch: int, bc: BenchConfig) -> dict[str, float]:
@@ -155,7 +182,7 @@ def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: to
     """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime: exported into ``workdir``)."""
     dtype = torch.float16 if precision == "fp16" else torch.float32
     if name == "pytorch":  # a copy: TorchDenoiser converts its module in place (fp16, channels-last)
-        return TorchDenoiser(copy.deepcopy(model), device=device, dtype=dtype, channels_last=device.type == "cuda")
+        return TorchDenoiser(copy.deepcopy(model), device=device, dtype=dtype)
     from dheads.engine.backends import open_denoiser
     from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
     from dheads.export.pipeline import export_bundle
@@ -168,35 +195,46 @@ def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: to
     return den
 
 
+def time_backend(den: Denoiser, bc: BenchConfig) -> dict[str, object]:
+    """UNet forward at batch 1 and ``bc.batch``, the frame loop at batch 1 (and ``bc.batch``), peak memory."""
+    row: dict[str, object] = {"unet_forward_b1": bench_forward(den, 1, bc),
+                              f"unet_forward_b{bc.batch}": bench_forward(den, bc.batch, bc),
+                              "loop_b1": bench_loop(den, bc, 1)}
+    if bc.batch > 1:
+        row[f"loop_b{bc.batch}"] = bench_loop(den, bc, bc.batch)
+    fwd = row["unet_forward_b1"]["median_ms"]
+    frame = row["loop_b1"]["frame"]["median_ms"]
+    row["outside_unet_fraction"] = max(0.0, (frame - bc.steps * fwd) / frame)
+    row.update(_peak_memory(den.device))
+    return row
+
+
 def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
-    """Measure every (backend, precision), then the reference, and report ratios to the reference."""
+    """Check every (backend, precision) against the strict-fp32 UNet, time it, then time the reference.
+
+    With ``bc.timing`` off only the parity rows are made (and PyTorch fp16 runs on CPU too).
+    """
     from dheads.engine.pipeline import pick_device
 
     device = pick_device(bc.device)
     cfg = MODELS[bc.model]
     model = random_unet(cfg, seed=bc.seed)
+    ref_out = reference_output(model, device)
     rows = []
     for backend in bc.backends:
         for precision in bc.precisions:
-            if precision == "fp16" and device.type == "cpu" and backend == "pytorch":
-                log.warning("skipping pytorch fp16 on CPU (not a deployment target)")
+            if bc.timing and precision == "fp16" and device.type == "cpu" and backend == "pytorch":
+                log.warning("skipping pytorch fp16 on CPU (not a deployment target; --no-timing checks its parity)")
                 continue
             den = open_backend(backend, model, precision, device, workdir)
-            row = {"backend": backend, "precision": precision,
-                   "unet_forward_b1": bench_forward(den, 1, bc),
-                   f"unet_forward_b{bc.batch}": bench_forward(den, bc.batch, bc),
-                   "loop_b1": bench_loop(den, bc, 1)}
-            if bc.batch > 1:
-                row[f"loop_b{bc.batch}"] = bench_loop(den, bc, bc.batch)
-            fwd = row["unet_forward_b1"]["median_ms"]
-            frame = row["loop_b1"]["frame"]["median_ms"]
-            row["outside_unet_fraction"] = max(0.0, (frame - bc.steps * fwd) / frame)
-            row.update(_peak_memory(device))
+            row = {"backend": backend, "precision": precision, "parity_vs_fp32": parity(den, ref_out)}
+            if bc.timing:
+                row.update(time_backend(den, bc))
             rows.append(row)
             log.info("%s %s done", backend, precision)
     result = {"machine": machine_info(device), "command": " ".join(sys.argv), "config": dataclasses.asdict(bc),
               "model": cfg.to_dict(), "results": rows}
-    if bc.reference:
+    if bc.reference and bc.timing:
         ref = bench_reference(model, device, bc)
         result["reference"] = ref
         for row in rows:
@@ -205,25 +243,35 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
 
 
 def markdown_table(result: dict) -> str:
-    m = result["machine"]
-    head = (f"Machine: {m.get('gpu', m['cpu'])} ({m['device']}), torch {m['torch']}; model {result['config']['model']}, "
-            f"{result['config']['steps']} steps.\n\n")
+    m, c = result["machine"], result["config"]
+    head = f"Machine: {m.get('gpu', m['cpu'])} ({m['device']}), torch {m['torch']}; model {c['model']}"
+    if not c.get("timing", True):
+        lines = ["| backend | precision | UNet rel. L2 error vs fp32 | max abs error |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['precision']} | {r['parity_vs_fp32']['rel_l2']:.2e} | "
+                  f"{r['parity_vs_fp32']['max_abs']:.2e} |" for r in result["results"]]
+        return f"{head}; one UNet call, batch 1, random weights.\n\n" + "\n".join(lines) + "\n"
     lines = ["| backend | precision | UNet b1 (ms) | step (ms) | frame (ms) | first frame (ms) | fps b1 | "
-             "fps batch | RTF b1 | outside UNet | speed-up vs reference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    b = result["config"]["batch"]
+             "fps batch | RTF b1 | outside UNet | speed-up vs reference | UNet rel. error vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    b = c["batch"]
     for r in result["results"]:
         lp = r["loop_b1"]
         fps_b = r.get(f"loop_b{b}", lp)["fps"]
         lines.append(f"| {r['backend']} | {r['precision']} | {r['unet_forward_b1']['median_ms']:.1f} | "
                      f"{lp['step_ms']:.1f} | {lp['frame']['median_ms']:.0f} | {lp['first_frame_ms']:.0f} | "
                      f"{lp['fps']:.3f} | {fps_b:.3f} | {lp['real_time_factor']:.1f} | "
-                     f"{r['outside_unet_fraction']:.1%} | {r.get('speedup_vs_reference', float('nan')):.2f}x |")
+                     f"{r['outside_unet_fraction']:.1%} | {r.get('speedup_vs_reference', float('nan')):.2f}x | "
+                     f"{_err(r)} |")
     if "reference" in result:
         ref = result["reference"]
         lines.append(f"| reference (authors' loop) | fp32 | - | {ref['step_ms']:.1f} | {ref['frame']['median_ms']:.0f} "
-                     f"| - | {ref['fps']:.3f} | - | {ref['real_time_factor']:.1f} | - | 1.00x |")
-    return head + "\n".join(lines) + "\n"
+                     f"| - | {ref['fps']:.3f} | - | {ref['real_time_factor']:.1f} | - | 1.00x | - |")
+    return f"{head}, {c['steps']} steps.\n\n" + "\n".join(lines) + "\n"
+
+
+def _err(row: dict) -> str:
+    p = row.get("parity_vs_fp32")
+    return f"{p['rel_l2']:.1e}" if p else "-"
 
 
 def write_results(result: dict, out_dir: Path, name: str) -> tuple[Path, Path]:

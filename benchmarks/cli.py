@@ -32,17 +32,20 @@ def bench(
     repeats: int = typer.Option(10, help="Timed repeats of each UNet forward."),
     reference: bool = typer.Option(True, help="Also time the authors' loop (the 1.00x baseline)."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph."),
+    timing: bool = typer.Option(True, help="Time the backends; --no-timing only checks each against strict fp32."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for <name>.json and <name>.md."),
-    name: str = typer.Option("", help="Result file stem (default: <model>_<device>)."),
+    name: str = typer.Option("", help="Result file stem (default: <model>_<device>, + _parity with --no-timing)."),
 ) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
     if model not in MODELS:
         raise typer.BadParameter(f"choose one of {sorted(MODELS)}", param_hint="--model")
     bc = BenchConfig(model=model, backends=_csv(backends), precisions=_csv(precisions), device=device, steps=steps,
-                     frames=frames, batch=batch, repeats=repeats, reference=reference, cuda_graph=cuda_graph)
+                     frames=frames, batch=batch, repeats=repeats, reference=reference, cuda_graph=cuda_graph,
+                     timing=timing)
     with tempfile.TemporaryDirectory(prefix="dh-bench-") as tmp:
         result = run_bench(bc, Path(tmp))
-    stem = name or f"{model}_{result['machine']['device'].split(':')[0]}"
+    stem = name or f"{model}_{result['machine']['device'].split(':')[0]}" + ("" if timing else "_parity")
     js, md = write_results(result, out, stem)
     err.print(Markdown(markdown_table(result)))
     err.print(f"wrote {js} and {md}")

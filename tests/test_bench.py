@@ -1,0 +1,60 @@
+"""dh-bench end to end on CPU: every backend row, the reference row, parity and the written files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from dheads.benchmarks.bench import parity, reference_output, strict_fp32
+from dheads.benchmarks.cli import app
+from dheads.engine.backends.pytorch import TorchDenoiser
+from dheads.engine.config import SMALL
+from dheads.engine.model import random_unet
+
+
+def test_dh_bench_writes_rows_beside_the_reference(tmp_path):
+    args = ["--model", "small", "--device", "cpu", "--backends", "pytorch,onnxruntime", "--steps", "3",
+            "--frames", "1", "--batch", "2", "--repeats", "1", "--out", str(tmp_path), "--name", "t"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["machine"]["device"] == "cpu" and result["config"]["steps"] == 3
+    rows = {r["backend"]: r for r in result["results"]}
+    assert set(rows) == {"pytorch", "onnxruntime"}
+    assert rows["pytorch"]["parity_vs_fp32"]["max_abs"] == 0.0  # the same eager fp32 module on CPU
+    assert 0 < rows["onnxruntime"]["parity_vs_fp32"]["rel_l2"] < 1e-5  # another runtime: fp32 rounding only
+    for r in rows.values():
+        assert r["loop_b1"]["frame"]["n"] == 1 and r["loop_b1"]["cuda_graph"] is False
+        assert r["loop_b2"]["fps"] > 0 and r["speedup_vs_reference"] > 0
+    assert result["reference"]["frame"]["median_ms"] > 0
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| pytorch") or line.startswith("| onnxruntime")]) == 2
+    assert table[-1].startswith("| reference (authors' loop) | fp32 |")
+
+
+def test_parity_sees_a_different_model():
+    model = random_unet(SMALL, seed=0)
+    ref = reference_output(model, torch.device("cpu"))
+    other = TorchDenoiser(random_unet(SMALL, seed=1))
+    assert parity(other, ref)["rel_l2"] > 0.1
+
+
+def test_strict_fp32_restores_the_tf32_flags():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with strict_fp32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_dh_bench_parity_only_checks_pytorch_fp16_on_cpu(tmp_path):
+    args = ["--model", "small", "--device", "cpu", "--precisions", "fp32,fp16", "--no-timing", "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "small_cpu_parity.json").read_text())
+    errs = {r["precision"]: r["parity_vs_fp32"]["rel_l2"] for r in result["results"]}
+    assert "loop_b1" not in result["results"][0] and "reference" not in result
+    assert errs["fp32"] == 0.0
+    assert 1e-5 < errs["fp16"] < 5e-3, errs  # fp16 weights and activations: ~4e-4 measured
+    assert "| pytorch | fp16 |" in (tmp_path / "small_cpu_parity.md").read_text()
