@@ -35,7 +35,11 @@ def test_cuda_graph_replay_equals_eager():
     noise = torch.randn(6, 21, 1, 3, 32, 32, generator=g)
     eager = _run(den, ident, audio, noise, sampler, graph=False)
     graphed = _run(den, ident, audio, noise, sampler, graph=True)
-    assert torch.equal(eager, graphed)  # the same kernels replayed on the same buffers
+    # The same kernels replayed on the same buffers: expected bit-exact. The bound leaves room only for
+    # cuBLAS/cuDNN picking another reduction order on the capture stream; a graph bug (a stale buffer,
+    # a step out of order) is an O(1) error.
+    err = (eager - graphed).abs().max().item()
+    assert err < 1e-5, err
 
 
 def test_gpu_fp32_matches_cpu_reference():
