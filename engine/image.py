@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from .face import FaceLandmarker, crop_and_resize, crop_box, single_face
+from .face import FaceLandmarker, crop_and_resize, crop_box, detect_faces, single_face
 from .video import read_frame
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,15 @@ def frame_face(
         own = landmarker is None
         lm = FaceLandmarker(max_faces=2) if own else landmarker
         try:
-            face = single_face(lm.detect(rgb), source)
+            face = single_face(detect_faces(lm, rgb), source)
         finally:
             if own:
                 lm.close()
         box = crop_box(face.landmarks, rgb.shape[:2])
         log.debug("face crop of %s: box %s", source, box)
+        if box[2] < size:
+            log.warning("the face in %s is small (a %d px crop): the %d px identity frame is upscaled and "
+                        "will look soft", source if source is not None else "the image", box[2], size)
     return crop_and_resize(rgb, box, size)
 
 

@@ -30,7 +30,7 @@ def test_dh_bench_writes_rows_beside_the_reference(tmp_path):
         assert r["loop_b2"]["fps"] > 0 and r["speedup_vs_reference"] > 0
     assert result["reference"]["frame"]["median_ms"] > 0
     table = (tmp_path / "t.md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| pytorch") or line.startswith("| onnxruntime")]) == 2
+    assert len([line for line in table if line.startswith(("| pytorch", "| onnxruntime"))]) == 2
     assert table[-1].startswith("| reference (authors' loop) | fp32 |")
 
 

@@ -10,7 +10,10 @@ import torch
 from dheads.engine import face as F
 from dheads.engine.face import FaceError, FaceLandmarker, crop_and_resize, crop_box, track_landmarks
 from dheads.engine.image import ImageError, load_face, read_rgb, to_tensor, to_uint8_frames
+from dheads.engine.pipeline import default_engine_path
 from dheads.engine.video import read_frames
+
+EXAMPLE_FACE = default_engine_path().parent / "examples" / "face.png"  # a GRID frame, shipped in the package
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +145,58 @@ def test_no_face(tmp_path, landmarker):
 
 
 def test_two_faces(tmp_path, shared_data):
-    # The short-range face detector wants faces > ~20% of the image: tile the 256 px face crop.
+    # Two faces side by side, each half the image: found by the whole-image pass.
     face = read_rgb(shared_data / "faces" / "astronaut_face_256.png")
     two = write_png(tmp_path / "two.png", np.concatenate([face, face], axis=1))
     with pytest.raises(FaceError) as e:
         load_face(two)
     assert str(e.value) == f"found 2 faces in {two}; pass an image with exactly one face or --crop none"
     assert load_face(two, crop="none").shape == (1, 3, 128, 128)
+
+
+def _on_canvas(rgb: np.ndarray, width: int, spots: list[tuple[int, int]]) -> np.ndarray:
+    canvas = np.full((width * 3 // 4, width, 3), 128, np.uint8)
+    h, w = rgb.shape[:2]
+    for x, y in spots:
+        canvas[y : y + h, x : x + w] = rgb
+    return canvas
+
+
+@pytest.mark.parametrize("width", [1000, 2000, 4000])
+def test_small_face_in_a_large_photo_is_framed_like_a_close_up(landmarker, width):
+    """The GRID frame's face (~104 px wide) on grey canvases where it is 10%, 5% and 2.6% of the width.
+
+    MediaPipe on the whole image misses it from 5% down, and where it still finds a small face the
+    box comes out loose (measured at 7%: 335 px instead of 269). The tiled search finds it and the
+    refined landmarks give the close-up's box (measured 269-275 px on canvases 600-4000 px wide).
+    """
+    rgb = read_rgb(EXAMPLE_FACE)
+    ref = crop_box(landmarker.detect(rgb)[0].landmarks, rgb.shape[:2], fit_inside=False)
+    ox, oy = width // 3, width // 5
+    canvas = _on_canvas(rgb, width, [(ox, oy)])
+    if width >= 2000:
+        assert landmarker.detect(canvas) == []  # the whole image alone: no face
+    (face,) = F.detect_faces(landmarker, canvas)
+    x0, y0, side = crop_box(face.landmarks, canvas.shape[:2], fit_inside=False)
+    assert abs(side - ref[2]) <= 0.04 * ref[2], (side, ref)
+    assert abs(x0 - ox - ref[0]) <= 8 and abs(y0 - oy - ref[1]) <= 8, ((x0 - ox, y0 - oy), ref)
+
+
+def test_two_small_faces_and_none_on_a_large_canvas(tmp_path, landmarker):
+    rgb = read_rgb(EXAMPLE_FACE)
+    one = write_png(tmp_path / "one_small.png", _on_canvas(rgb, 4000, [(3000, 2000)]))
+    (face,) = landmarker.detect(to_uint8_frames(load_face(one, landmarker=landmarker))[0])
+    x0, y0, x1, y1 = face.bbox  # framed like the close-up: the face is about half the 128 px frame
+    assert 0.35 < (x1 - x0) / 128 < 0.65 and 0 < x0 < x1 < 128 and 0 < y0 < y1 < 128
+    two = write_png(tmp_path / "two_small.png", _on_canvas(rgb, 4000, [(200, 100), (3000, 2000)]))
+    with pytest.raises(FaceError, match="^found 2 faces in "):
+        load_face(two, landmarker=landmarker)
+    assert F.detect_faces(landmarker, np.full((3000, 4000, 3), 128, np.uint8)) == []
+
+
+def test_detect_faces_wants_image_mode():
+    with FaceLandmarker(video=True, max_faces=1) as lm, pytest.raises(ValueError, match="IMAGE-mode"):
+        F.detect_faces(lm, np.zeros((64, 64, 3), np.uint8))
 
 
 def test_image_errors(tmp_path, shared_data):
