@@ -45,14 +45,27 @@ def num_frames(n_samples: int, samples_per_frame: int = SAMPLE_RATE // FPS) -> i
     return max(0, (int(n_samples) + 2 * pad - window) // hop + 1)
 
 
+def check_silence(path: str | Path, samples: np.ndarray, mode: str = "warn") -> None:
+    """What to do when ``samples`` peak below -80 dBFS: ``"warn"`` (log), ``"error"`` (AudioError) or ``"ignore"``."""
+    if mode not in ("warn", "error", "ignore"):
+        raise ValueError(f"silence must be warn, error or ignore, got {mode!r}")
+    if mode == "ignore" or (samples.size and float(np.max(np.abs(samples))) >= SILENCE_PEAK):
+        return
+    what = f"{path}: audio is silent (peak below -80 dBFS)"
+    if mode == "error":
+        raise AudioError(f"{what}; give a file with speech, or allow silence (--allow-silence) for a face that "
+                         "does not talk")
+    log.warning("%s; the face will not talk", what)
+
+
 def load_audio(
-    path: str | Path, sample_rate: int = SAMPLE_RATE, fps: int = FPS
+    path: str | Path, sample_rate: int = SAMPLE_RATE, fps: int = FPS, *, silence: str = "warn"
 ) -> tuple[np.ndarray, int]:
     """Read ``path`` (audio file or a video's audio track) as mono float32 at ``sample_rate``.
 
     Returns ``(samples [n], sample_rate)``. Raises :class:`AudioError` when the file is missing,
     is not audio/video, has no audio track, is empty, or is shorter than one video frame
-    (``sample_rate // fps`` samples). All-silent audio is returned with a logged warning.
+    (``sample_rate // fps`` samples). All-silent audio is handled per ``silence`` (``check_silence``).
     """
     path = Path(path)
     if not path.exists():
@@ -65,8 +78,7 @@ def load_audio(
         raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
     samples = _resample(mono, rate, sample_rate)
     _check_length(path, samples, sample_rate, fps)
-    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
-        log.warning("%s: audio is silent (peak below -80 dBFS); the face will not talk", path)
+    check_silence(path, samples, silence)
     return samples, sample_rate
 
 

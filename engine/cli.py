@@ -48,6 +48,8 @@ def run(
     crop: str = typer.Option("auto", help="auto: find the face and frame it like the training data; none: centre."),
     frame: int = typer.Option(0, help="Frame index when FACE is a video."),
     max_seconds: Optional[float] = typer.Option(None, help="Use only the first N seconds of the audio."),
+    allow_silence: bool = typer.Option(False, help="Accept silent audio (a face that does not talk) instead of "
+                                                   "refusing it."),
     audio_encoder: Optional[Path] = typer.Option(None, help="The authors' audio_encoder.pt, for SDA models."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph (GPU)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
@@ -79,7 +81,8 @@ def run(
                 bar.update(task, completed=done, total=total, fps=done / elapsed)
 
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
-                                max_seconds=max_seconds, cuda_graph=cuda_graph, on_frame=on_frame)
+                                max_seconds=max_seconds, allow_silence=allow_silence, cuda_graph=cuda_graph,
+                                on_frame=on_frame)
     except USER_ERRORS as e:
         err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, load_audio
+from .audio import AudioError, check_silence, load_audio
 from .backends.base import BackendError, Denoiser
 from .config import SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
@@ -103,15 +103,19 @@ class TalkingHead:
         return cls(denoiser, info, encoder)
 
     def prepare(self, face: str | Path, audio: str | Path, *, crop: str = "auto", frame: int = 0,
-                max_seconds: float | None = None) -> Inputs:
-        """Load and crop the face, load + resample the speech, and encode it to per-frame embeddings."""
+                max_seconds: float | None = None, allow_silence: bool = False) -> Inputs:
+        """Load and crop the face, load + resample the speech, and encode it to per-frame embeddings.
+
+        Silent audio (of what is used, after ``max_seconds``) is an AudioError unless ``allow_silence``.
+        """
         size = self.info.model.image_size
         identity = load_face(face, frame=frame, crop=crop, size=size)
-        samples, rate = load_audio(audio)
+        samples, rate = load_audio(audio, silence="ignore")
         if max_seconds is not None:
             samples = samples[: int(max_seconds * rate)]
             if samples.size < rate // 25:
                 raise AudioError(f"{audio}: --max-seconds {max_seconds} leaves less than one video frame of audio")
+        check_silence(audio, samples, "warn" if allow_silence else "error")
         emb = self.encoder(samples)
         return Inputs(identity=identity, samples=samples, audio_emb=emb)
 
@@ -128,10 +132,11 @@ class TalkingHead:
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
-               noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True,
+               allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True,
                on_frame=None) -> RunStats:
         """Write ``out`` (H.264 + AAC, 25 fps). Nothing exists at ``out`` unless the whole run succeeded."""
-        inputs = self.prepare(face, audio, crop=crop, frame=frame, max_seconds=max_seconds)
+        inputs = self.prepare(face, audio, crop=crop, frame=frame, max_seconds=max_seconds,
+                              allow_silence=allow_silence)
         fps = self.info.audio.fps
         lat: list[float] = []
         t0 = last = time.perf_counter()

@@ -230,6 +230,18 @@ def test_silent_audio_warns_and_loads(tmp_path, caplog):
     assert "quiet.wav: audio is silent" in caplog.text
 
 
+def test_silent_audio_can_be_refused_or_ignored(tmp_path, caplog):
+    path = tmp_path / "quiet.wav"
+    sf.write(path, np.full(16000, 5e-5, np.float32), 16000)  # dither-level: below -80 dBFS
+    with pytest.raises(AudioError, match=r"quiet\.wav: audio is silent \(peak below -80 dBFS\); give a file"):
+        load_audio(path, silence="error")
+    with caplog.at_level(logging.WARNING, logger="dheads.engine.audio"):
+        x, _ = load_audio(path, silence="ignore")
+    assert x.shape == (16000,) and caplog.text == ""
+    sf.write(path, np.full(16000, 2e-4, np.float32), 16000)  # just above the threshold: speech-quiet, allowed
+    assert load_audio(path, silence="error")[0].shape == (16000,)
+
+
 def test_error_messages_are_one_line(tmp_path):
     (tmp_path / "junk.mp3").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(AudioError) as err:

@@ -85,6 +85,11 @@ def _bad_inputs(shared_data, tmp_path, engine):
     junk.write_bytes(b"RIFF" + bytes(range(256)) * 8)
     silent_short = tmp_path / "short.wav"
     sf.write(silent_short, np.zeros(100, np.float32), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    late = tmp_path / "late.wav"  # one second of silence, then speech
+    speech, rate = sf.read(wav, dtype="float32")
+    sf.write(late, np.concatenate([np.zeros(rate, np.float32), speech]), rate)
     other = tmp_path / "other_model.pt"  # records Whisper audio but expects 32-d features
     torch.manual_seed(0)
     save_checkpoint(other, checkpoint_from_model(DiffusedHeadsUNet(SMALL), default_audio_config("whisper")))
@@ -94,6 +99,10 @@ def _bad_inputs(shared_data, tmp_path, engine):
         "no face": ([grey, wav, "--engine", engine], r"no face found in .*grey\.png"),
         "unreadable audio": ([face, junk, "--engine", engine], r"junk\.wav"),
         "too short audio": ([face, silent_short, "--engine", engine], r"short\.wav"),
+        "silent audio": ([face, silent, "--engine", engine],
+                         r"silent\.wav: audio is silent \(peak below -80 dBFS\); give a file with speech, or "
+                         r"allow silence \(--allow-silence\)"),
+        "silent part used": ([face, late, "--engine", engine, "--max-seconds", "0.8"], r"late\.wav: audio is silent"),
         "missing engine": ([face, wav, "--engine", tmp_path / "nope.plan"], r"nope\.plan"),
         "engine for another model": ([face, wav, "--engine", other],
                                      r"model expects 32-d audio features but the whisper encoder gives 384-d"),
@@ -101,7 +110,8 @@ def _bad_inputs(shared_data, tmp_path, engine):
 
 
 @pytest.mark.parametrize("case", ["missing face", "missing audio", "no face", "unreadable audio",
-                                  "too short audio", "missing engine", "engine for another model"])
+                                  "too short audio", "silent audio", "silent part used", "missing engine",
+                                  "engine for another model"])
 def test_bad_input_one_line_exit_2_no_output(shared_data, engine, tmp_path, case):
     args, pattern = _bad_inputs(shared_data, tmp_path, engine)[case]
     out = tmp_path / "out.mp4"
@@ -114,3 +124,14 @@ def test_bad_input_one_line_exit_2_no_output(shared_data, engine, tmp_path, case
     assert re.search(pattern, line), line
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4")]
+
+
+def test_allow_silence_makes_a_video_of_a_face_that_does_not_talk(shared_data, engine, tmp_path, caplog):
+    silent, out = tmp_path / "silent.wav", tmp_path / "still.mp4"
+    sf.write(silent, np.zeros(8000, np.float32), 16000)
+    r = _run("--engine", engine, shared_data / "faces" / "astronaut_512.png", silent, "-o", out, "--steps", "2",
+             "--allow-silence")
+    assert r.exit_code == 0, r.stderr
+    assert "silent.wav: audio is silent (peak below -80 dBFS); the face will not talk" in caplog.text
+    with av.open(str(out)) as c:
+        assert len(list(c.decode(video=0))) == 8000 // 640
