@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dheads.benchmarks.bench import strict_fp32
+from dheads.engine.backends.base import UNET_INPUTS, example_inputs
 from dheads.engine.backends.pytorch import TorchDenoiser
 from dheads.engine.config import CREMA, SMALL, SamplerConfig
 from dheads.engine.generate import LoopConfig, generate_frames
@@ -49,20 +51,19 @@ def test_gpu_fp32_matches_cpu_reference():
     ident, audio = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(4, 32, generator=g)
     noise = torch.randn(4, 11, 1, 3, 32, 32, generator=g)
     ref = generate_reference(net, ident, audio, sampler=sampler, noise=noise)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    got = _run(TorchDenoiser(net, device="cuda"), ident.cuda(), audio, noise, sampler, graph=True).cpu()
+    with strict_fp32():  # no TF32 in cuDNN convolutions (PyTorch's default allows it)
+        got = _run(TorchDenoiser(net, device="cuda"), ident.cuda(), audio, noise, sampler, graph=True).cpu()
     assert (got - ref).abs().max().item() < 1e-3  # fp32 on both, different kernels; DDIM eta 0 is stable
 
 
 def test_fp16_per_step_error_is_small():
-    """One UNet call at full size: fp16 + channels-last vs fp32, relative L2 error of eps."""
+    """One UNet call at full size: fp16 + channels-last vs strict fp32, relative L2 error of the output."""
     net = _model(CREMA)
     fp32 = TorchDenoiser(net, device="cuda")
-    x = {k: v.cuda() for k, v in __import__("dheads.engine.backends.base", fromlist=["x"]).example_inputs(
-        CREMA, 2, generator=torch.Generator().manual_seed(0)).items()}
-    args = [x[k] for k in ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")]
-    ref = fp32(*args).float()
+    x = example_inputs(CREMA, 2, device="cuda", generator=torch.Generator().manual_seed(0))
+    args = [x[k] for k in UNET_INPUTS]
+    with strict_fp32():
+        ref = fp32(*args).float()
     fp16 = TorchDenoiser(_model(CREMA), device="cuda", dtype=torch.float16, channels_last=True)
     got = fp16(*args).float()
     rel = ((got - ref).norm() / ref.norm()).item()
