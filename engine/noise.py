@@ -26,6 +26,24 @@ class SeededNoise:
         torch.randn(out.shape, generator=self.generator, out=out, device=out.device, dtype=out.dtype)
 
 
+class PerStreamNoise:
+    """Stream b of a batch gets exactly the noise ``SeededNoise(seeds[b])`` gives a batch of one, so a
+    video made in a batch is the video made alone with its seed (up to batched-kernel rounding)."""
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.streams = [SeededNoise(s, device) for s in seeds]
+        self._one: torch.Tensor | None = None  # [1 + n_steps, 1, 3, H, W] scratch, made on first use
+
+    def __call__(self, frame: int, out: torch.Tensor) -> None:
+        if out.shape[1] != len(self.streams):
+            raise ValueError(f"noise for {len(self.streams)} streams, buffer holds {out.shape[1]}")
+        if self._one is None:
+            self._one = torch.empty_like(out[:, :1], memory_format=torch.contiguous_format)
+        for b, stream in enumerate(self.streams):
+            stream(frame, self._one)
+            out[:, b : b + 1].copy_(self._one)
+
+
 class TensorNoise:
     """Caller-provided noise: ``noise[i]`` is frame i's ``[1 + n_steps, B, 3, H, W]`` tensor."""
 

@@ -6,11 +6,12 @@ an mp4 atomically; ``.stream(face, audio)`` yields uint8 frames as they are made
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from .backends.base import BackendError, Denoiser
 from .config import SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
-from .noise import NoiseFn
+from .noise import NoiseFn, PerStreamNoise
 from .video import MP4Writer
 
 log = logging.getLogger(__name__)
+MAX_LOOPS = 4
 
 
 def default_engine_path() -> Path:
@@ -79,12 +81,27 @@ class Inputs:
         return int(self.audio_emb.shape[0])
 
 
+@dataclass(frozen=True)
+class Job:
+    """One video of a batch: the face, the speech, where its mp4 goes, and per-video options.
+
+    ``seed`` None takes the batch's seed; with the same seed a video comes out as ``render`` makes it.
+    """
+
+    face: str | Path
+    audio: str | Path
+    out: str | Path
+    frame: int = 0
+    max_seconds: float | None = None
+    seed: int | None = None
+
+
 class TalkingHead:
     """A loaded engine (denoiser + the configs it carries) and the audio encoder it expects."""
 
     def __init__(self, denoiser: Denoiser, info, encoder):
         self.denoiser, self.info, self.encoder = denoiser, info, encoder
-        self._loop: FrameLoop | None = None
+        self._loops: dict[LoopConfig, FrameLoop] = {}
 
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
@@ -122,13 +139,64 @@ class TalkingHead:
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
                noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True) -> Iterator[np.ndarray]:
         """Yield uint8 frames [S, S, 3] in order as they are generated (streaming)."""
-        cfg = LoopConfig(sampler=sampler, batch=1, cuda_graph=cuda_graph)
-        if self._loop is None or self._loop.config != cfg:
-            self._loop = FrameLoop(self.denoiser, cfg)  # reused across calls: the CUDA graph is kept
+        for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
+            yield imgs[0]
+
+    def _loop(self, cfg: LoopConfig) -> FrameLoop:
+        """One FrameLoop per (sampler, batch, graph) config, kept across calls with its CUDA graph
+        (the last ``MAX_LOOPS`` configs used: each holds its buffers and graph memory)."""
+        loop = self._loops.pop(cfg, None) or FrameLoop(self.denoiser, cfg)
+        self._loops[cfg] = loop  # most recently used last
+        while len(self._loops) > MAX_LOOPS:
+            del self._loops[next(iter(self._loops))]
+        return loop
+
+    def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig = SamplerConfig(),
+                     seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
+                     cuda_graph: bool = True) -> Iterator[np.ndarray]:
+        """Several videos as one batch of streams: yield uint8 ``[B, S, S, 3]`` per frame index.
+
+        Stream b's noise is seeded with ``seeds[b]`` (default 0 each), as a batch of one would be, unless
+        ``noise`` is given. Streams shorter than the longest repeat their last audio window: keep the
+        first ``inputs[b].n_frames`` frames of stream b.
+        """
+        cfg = LoopConfig(sampler=sampler, batch=len(inputs), cuda_graph=cuda_graph)
         dev = self.denoiser.device
-        for x in generate_frames(self.denoiser, inputs.identity.to(dev), inputs.audio_emb, config=cfg,
-                                 seed=seed, noise=noise, loop=self._loop):
-            yield to_uint8_frames(x)[0]
+        if noise is None:
+            noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev)
+        identity = torch.cat([x.identity for x in inputs]).to(dev)
+        for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg, noise=noise,
+                                 loop=self._loop(cfg)):
+            yield to_uint8_frames(x)
+
+    def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+                     crop: str = "auto", allow_silence: bool = False, cuda_graph: bool = True,
+                     on_frame=None) -> RunStats:
+        """Write every job's mp4 from one batched loop (one UNet call per step for all of them).
+
+        Each mp4 is atomic: a failed run leaves none of them behind. Stats count batch steps (frames of
+        the longest video); ``on_frame(done, total)`` is called per batch step.
+        """
+        outs = [Path(j.out).resolve() for j in jobs]
+        if not jobs or len(set(outs)) != len(outs):
+            raise ValueError("render_batch needs at least one job and a different output path for each")
+        inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
+                               allow_silence=allow_silence) for j in jobs]
+        seeds = [seed if j.seed is None else j.seed for j in jobs]
+        fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(MP4Writer(j.out, fps=fps, audio=x.samples,
+                                                     sample_rate=self.info.audio.sample_rate))
+                       for j, x in zip(jobs, inputs)]
+            stats = _Timer()
+            for i, imgs in enumerate(self.frames_batch(inputs, sampler=sampler, seeds=seeds, cuda_graph=cuda_graph)):
+                for b, (w, x) in enumerate(zip(writers, inputs)):
+                    if i < x.n_frames:
+                        w.write(imgs[b])
+                stats.tick()
+                if on_frame is not None:
+                    on_frame(i + 1, total)
+        return stats.result(fps)
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
@@ -138,17 +206,30 @@ class TalkingHead:
         inputs = self.prepare(face, audio, crop=crop, frame=frame, max_seconds=max_seconds,
                               allow_silence=allow_silence)
         fps = self.info.audio.fps
-        lat: list[float] = []
-        t0 = last = time.perf_counter()
+        stats = _Timer()
         with MP4Writer(out, fps=fps, audio=inputs.samples, sample_rate=self.info.audio.sample_rate) as writer:
             for i, img in enumerate(self.frames(inputs, sampler=sampler, seed=seed, noise=noise,
                                                 cuda_graph=cuda_graph)):
                 writer.write(img)
-                now = time.perf_counter()
-                lat.append(now - last)
-                last = now
+                stats.tick()
                 if on_frame is not None:
                     on_frame(i + 1, inputs.n_frames)
-        total = time.perf_counter() - t0
-        return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=total,
+        return stats.result(fps)
+
+
+class _Timer:
+    """Wall time between consecutive frames, from construction on."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.lat: list[float] = []
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.lat.append(now - self.last)
+        self.last = now
+
+    def result(self, fps: float) -> RunStats:
+        lat = self.lat
+        return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - self.t0,
                         first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat)

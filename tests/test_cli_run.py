@@ -135,3 +135,60 @@ def test_allow_silence_makes_a_video_of_a_face_that_does_not_talk(shared_data, e
     assert "silent.wav: audio is silent (peak below -80 dBFS); the face will not talk" in caplog.text
     with av.open(str(out)) as c:
         assert len(list(c.decode(video=0))) == 8000 // 640
+
+
+def _blocks(frames: np.ndarray, k: int = 8) -> np.ndarray:
+    n, h, w, c = frames.shape
+    return frames.reshape(n, h // k, k, w // k, k, c).astype(float).mean(axis=(2, 4))
+
+
+def test_render_batch_equals_each_video_rendered_alone(shared_data, engine, tmp_path):
+    """Two videos of different lengths in one batch: the same frames as alone (same seed), each mp4 whole."""
+    from dheads.engine.config import SamplerConfig
+    from dheads.engine.pipeline import Job, TalkingHead
+
+    head = TalkingHead.open(engine, device="cpu")
+    wav = shared_data / "speech" / "cmu_arctic_a0007.wav"
+    jobs = [Job(shared_data / "faces" / "astronaut_512.png", wav, tmp_path / "a.mp4", max_seconds=0.8),
+            Job(shared_data / "grid" / "bbaf2n.mpg", wav, tmp_path / "b.mp4", max_seconds=0.48, seed=5)]
+    sampler = SamplerConfig("ddpm", 3)
+    inputs = [head.prepare(j.face, j.audio, max_seconds=j.max_seconds) for j in jobs]
+    alone = [np.stack(list(head.frames(x, sampler=sampler, seed=seed))) for x, seed in zip(inputs, (1, 5))]
+    assert [len(a) for a in alone] == [20, 12]
+
+    batched = list(head.frames_batch(inputs, sampler=sampler, seeds=[1, 5]))
+    assert len(batched) == 20 and batched[0].shape == (2, 32, 32, 3)
+    for b, solo in enumerate(alone):
+        diff = np.abs(np.stack([f[b] for f in batched[: len(solo)]]).astype(int) - solo)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # batched kernels: fp32 rounding only
+
+    stats = head.render_batch(jobs, sampler=sampler, seed=1)
+    assert stats.frames == 20  # batch steps: the longest video's frames
+    for b, job in enumerate(jobs):
+        with av.open(str(job.out)) as c:
+            got = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int)
+            audio = c.streams.audio[0]
+            assert float(audio.duration * audio.time_base) == pytest.approx(job.max_seconds, abs=0.07)
+        assert got.shape == alone[b].shape
+        # H.264 keeps little of a random model's noisy 32x32 frames but their 8x8-block means: by those,
+        # each file is its own video, not the other one
+        n = min(len(got), len(alone[1 - b]))
+        own, other = (_blocks(v[:n]) for v in (alone[b], alone[1 - b]))
+        err_own, err_other = np.abs(_blocks(got[:n]) - own).mean(), np.abs(_blocks(got[:n]) - other).mean()
+        assert err_own < 0.5 * err_other, (err_own, err_other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]
+
+
+def test_render_batch_failure_leaves_no_file(shared_data, engine, tmp_path):
+    from dheads.engine.audio import AudioError
+    from dheads.engine.pipeline import Job, TalkingHead
+
+    head = TalkingHead.open(engine, device="cpu")
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    face, wav = shared_data / "faces" / "astronaut_512.png", shared_data / "speech" / "cmu_arctic_a0007.wav"
+    with pytest.raises(AudioError, match=r"silent\.wav: audio is silent"):
+        head.render_batch([Job(face, wav, tmp_path / "a.mp4"), Job(face, silent, tmp_path / "b.mp4")])
+    with pytest.raises(ValueError, match="a different output path for each"):
+        head.render_batch([Job(face, wav, tmp_path / "a.mp4"), Job(face, wav, tmp_path / "a.mp4")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["silent.wav"]

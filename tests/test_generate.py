@@ -81,3 +81,19 @@ def test_fp16_channels_last_loop_close_to_fp32_reference(model, sampler):
     err = (got - ref).abs().flatten()
     assert 0 < err.mean().item() < 1e-3, err.mean().item()  # > 0: it really ran in fp16
     assert err.quantile(0.999).item() < 3e-2, err.quantile(0.999).item()
+
+
+def test_per_stream_noise_equals_each_stream_seeded_alone():
+    from dheads.engine.noise import PerStreamNoise, SeededNoise
+
+    batch = torch.empty(5, 2, 3, 8, 8)
+    fill = PerStreamNoise([3, 7])
+    alone = {s: SeededNoise(s) for s in (3, 7)}
+    for frame in range(2):  # the generators advance frame after frame, as alone
+        fill(frame, batch)
+        for b, s in enumerate((3, 7)):
+            one = torch.empty(5, 1, 3, 8, 8)
+            alone[s](frame, one)
+            assert torch.equal(batch[:, b : b + 1], one)
+    with pytest.raises(ValueError, match="noise for 2 streams, buffer holds 3"):
+        fill(2, torch.empty(5, 3, 3, 8, 8))
