@@ -111,7 +111,8 @@ class TalkingHead:
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
-        denoiser, info = open_denoiser(path, backend=backend, device=str(pick_device(device)), precision=precision)
+        dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
+        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision)
         encoder = load_encoder(info.audio, audio_encoder)
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "

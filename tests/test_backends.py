@@ -84,6 +84,18 @@ def test_fp16_onnx_is_picked_for_fp16(bundle, reference):
     assert stats.rel < 5e-3, stats
 
 
+def test_auto_device_runs_a_bundle_on_cpu_when_onnxruntime_has_no_cuda(bundle, reference, monkeypatch):
+    """On a GPU machine with plain onnxruntime (no CUDA provider), device='auto' must not fail: it uses the CPU.
+    An explicit device='cuda' still says what to install. (Here the GPU is pretended.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    den, info = open_denoiser(bundle, device="auto")
+    assert den.name == "onnxruntime" and den.device == torch.device("cpu")
+    assert_agrees(den, reference)
+    with pytest.raises(BackendError, match="onnxruntime has no CUDA execution provider here; pip install "
+                                          "onnxruntime-gpu"):
+        open_denoiser(bundle, device="cuda")
+
+
 def test_checkpoint_opens_with_pytorch(exported, reference):
     ckpt = exported[0]
     den, info = open_denoiser(ckpt)

@@ -58,6 +58,8 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     it), a checkpoint ``load_checkpoint`` accepts, or a directory holding exactly one checkpoint.
     ``backend``: ``"pytorch" | "onnxruntime" | "tensorrt"``; None picks from the artifact (a bundle
     with a plan runs on TensorRT when it is installed and ``device`` is CUDA, else on ONNX Runtime).
+    ``device``: ``"auto"`` takes CUDA where torch sees a GPU, except for ONNX Runtime without its CUDA
+    execution provider (plain ``onnxruntime``), which then runs on the CPU.
     ``precision``: ``"fp32" | "fp16"`` for pytorch and onnxruntime (fp16 uses ``unet_fp16.onnx``); a plan
     computes in the precision it was built with (logged when it differs). ``model_config``: when given,
     the engine must have been made for exactly this config. Raises BackendError (one line).
@@ -67,14 +69,15 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if precision not in ("fp32", "fp16"):
         raise BackendError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    device = torch.device(device)
+    auto = str(device) == "auto"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(device)
     if not path.exists():
         raise BackendError(f"{path}: no such file or directory")
     kind = _artifact_kind(path)
     if kind == "checkpoint":
         return _open_checkpoint(_single_checkpoint(path) if path.is_dir() else path, backend, device, precision,
                                 model_config)
-    return _open_exported(path, kind, backend, device, precision, model_config, intra_op_threads)
+    return _open_exported(path, kind, backend, device, precision, model_config, intra_op_threads, auto)
 
 
 def _artifact_kind(path: Path) -> str:
@@ -123,7 +126,8 @@ def _open_checkpoint(path: Path, backend: str | None, device: torch.device, prec
 
 
 def _open_exported(path: Path, kind: str, backend: str | None, device: torch.device, precision: str,
-                   model_config: ModelConfig | None, intra_op_threads: int | None) -> tuple[Denoiser, EngineInfo]:
+                   model_config: ModelConfig | None, intra_op_threads: int | None,
+                   auto_device: bool = False) -> tuple[Denoiser, EngineInfo]:
     from ..bundle import UNET_PLAN, BundleError, read_manifest
 
     bundle = path if path.is_dir() else path.parent
@@ -146,6 +150,9 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
         if kind == "plan":
             raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
                                "directory or its .onnx for onnxruntime")
+        if auto_device and device.type == "cuda" and not _ort_has_cuda():
+            log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")
+            device = torch.device("cpu")
         den, used = _open_onnx(path if kind == "onnx" else None, bundle, manifest, device, precision,
                                intra_op_threads)
     info = EngineInfo(model=manifest.model, audio=manifest.audio, diffusion=manifest.diffusion, backend=backend,
@@ -193,6 +200,14 @@ def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torc
                                + ("; export with --precision fp16 for fp16 ONNX" if precision == "fp16" else ""))
     used = "fp16" if onnx.name == UNET_ONNX_FP16 else "fp32"
     return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def _check_model(path: Path, have: ModelConfig, want: ModelConfig | None) -> None:
