@@ -18,12 +18,14 @@ venv: $(BIN)/dh-run
 test: venv
 	$(BIN)/python -m pytest -q
 
-# On a GPU machine, in an environment that has dheads installed with a CUDA build of torch (not .venv,
-# whose torch is the CPU wheel): the GPU and TensorRT tests, then the full-size benchmark into
-# benchmarks/results/crema_cuda.{json,md}.
+# On a GPU machine: the GPU and TensorRT tests, then the full-size benchmark into
+# benchmarks/results/crema_cuda.{json,md}. GPU_PY is a Python that has dheads[dev] installed over a
+# CUDA build of torch (on CI/dev machines .venv holds the CPU wheel).
+GPU_PY ?= python3
 gpu-check:
-	python3 -m pytest -m "gpu or tensorrt" -rs
-	dh-bench --model crema --device cuda --backends pytorch --precisions fp32,fp16 --steps 100 --frames 3 --batch 4
+	$(GPU_PY) -m pytest -m "gpu or tensorrt" -rs
+	$(GPU_PY) -m dheads.benchmarks.cli --model crema --device cuda --backends pytorch --precisions fp32,fp16 \
+		--steps 100 --frames 3 --batch 4
 
 clean:
 	rm -rf $(VENV) build *.egg-info

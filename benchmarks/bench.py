@@ -217,6 +217,11 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
     from dheads.engine.pipeline import pick_device
 
     device = pick_device(bc.device)
+    if "tensorrt" in bc.backends:  # say so before minutes of export, not after
+        from dheads.engine.backends.tensorrt_ import gpu_identity, import_tensorrt
+
+        import_tensorrt(instead="benchmark --backends pytorch,onnxruntime instead")
+        gpu_identity(device)
     cfg = MODELS[bc.model]
     model = random_unet(cfg, seed=bc.seed)
     ref_out = reference_output(model, device)

@@ -10,7 +10,11 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
+from dheads.engine.backends.base import BackendError
+
 from .bench import MODELS, BenchConfig, markdown_table, run_bench, write_results
+
+BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
 
 app = typer.Typer(add_completion=False, help="Benchmark backends against the authors' sampling loop, same run.")
 err = Console(stderr=True)
@@ -40,11 +44,20 @@ def bench(
     logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
     if model not in MODELS:
         raise typer.BadParameter(f"choose one of {sorted(MODELS)}", param_hint="--model")
+    for value, allowed, hint in ((backends, BACKENDS, "--backends"), (precisions, ("fp32", "fp16"), "--precisions")):
+        unknown = [v for v in _csv(value) if v not in allowed]
+        if unknown or not _csv(value):
+            raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'} given; use a comma list of "
+                                     f"{', '.join(allowed)}", param_hint=hint)
     bc = BenchConfig(model=model, backends=_csv(backends), precisions=_csv(precisions), device=device, steps=steps,
                      frames=frames, batch=batch, repeats=repeats, reference=reference, cuda_graph=cuda_graph,
                      timing=timing)
-    with tempfile.TemporaryDirectory(prefix="dh-bench-") as tmp:
-        result = run_bench(bc, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="dh-bench-") as tmp:
+            result = run_bench(bc, Path(tmp))
+    except BackendError as e:  # no GPU, no TensorRT, no CUDA provider: one line, exit 2
+        err.print(f"dh-bench: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     stem = name or f"{model}_{result['machine']['device'].split(':')[0]}" + ("" if timing else "_parity")
     js, md = write_results(result, out, stem)
     err.print(Markdown(markdown_table(result)))
@@ -53,3 +66,7 @@ def bench(
 
 def main() -> None:
     app(prog_name="dh-bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,3 +58,20 @@ def test_dh_bench_parity_only_checks_pytorch_fp16_on_cpu(tmp_path):
     assert errs["fp32"] == 0.0
     assert 1e-5 < errs["fp16"] < 5e-3, errs  # fp16 weights and activations: ~4e-4 measured
     assert "| pytorch | fp16 |" in (tmp_path / "small_cpu_parity.md").read_text()
+
+
+def test_dh_bench_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        res = CliRunner().invoke(app, ["--backends", "pytorch,tensorrt", "--out", str(tmp_path)])
+        assert res.exit_code == 2
+        assert res.stderr.strip() == ("dh-bench: error: TensorRT is not installed (pip install tensorrt); benchmark "
+                                      "--backends pytorch,onnxruntime instead")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(app, ["--device", "cuda", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "dh-bench: error: device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu"
+    res = CliRunner().invoke(app, ["--backends", "torch", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "Invalid value for --backends: torch given; use a comma list" in res.output
+    assert list(tmp_path.iterdir()) == []

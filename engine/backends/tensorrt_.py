@@ -23,13 +23,12 @@ log = logging.getLogger(__name__)
 REBUILD = "rebuild the plan on this machine with `dh-export CHECKPOINT`"
 
 
-def import_tensorrt():
-    """The ``tensorrt`` module, or BackendError saying how to get it."""
+def import_tensorrt(instead: str = "run this bundle with backend='onnxruntime' instead"):
+    """The ``tensorrt`` module, or BackendError saying how to get it (and ``instead``, what to do meanwhile)."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendError("TensorRT is not installed (pip install tensorrt); run this bundle with "
-                           "backend='onnxruntime' instead") from None
+        raise BackendError(f"TensorRT is not installed (pip install tensorrt); {instead}") from None
     return trt
 
 
