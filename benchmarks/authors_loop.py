@@ -22,9 +22,8 @@ def _extract(arr: np.ndarray, k: int, like: torch.Tensor) -> torch.Tensor:
 
 def _arrays(s: Schedule) -> dict[str, np.ndarray]:
     """The schedule as the authors held it: float32 numpy arrays (hence their 5e-4 relative error)."""
-    abar = s.alphas_cumprod
     return {k: v.astype(np.float32) for k, v in dict(
-        sqrt_recip=np.sqrt(1 / abar), sqrt_recipm1=np.sqrt(1 / abar - 1), log_beta=np.log(s.betas),
+        sqrt_recip=s.sqrt_recip_alphas_cumprod, sqrt_recipm1=s.sqrt_recipm1_alphas_cumprod, log_beta=s.log_betas,
         log_tilde=s.posterior_log_variance_clipped, c1=s.posterior_mean_coef1, c2=s.posterior_mean_coef2,
     ).items()}
 

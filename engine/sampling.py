@@ -37,18 +37,24 @@ def make_tables(schedule: Schedule, device: torch.device | str = "cpu", dtype: t
     abar, abar_prev = s.alphas_cumprod, s.alphas_cumprod_prev
     sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
     cols = dict(
-        sqrt_recip_abar=np.sqrt(1.0 / abar),
-        sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1),
-        log_beta=np.log(s.betas),
+        sqrt_recip_abar=s.sqrt_recip_alphas_cumprod,
+        sqrt_recipm1_abar=s.sqrt_recipm1_alphas_cumprod,
+        log_beta=s.log_betas,
         log_beta_tilde=s.posterior_log_variance_clipped,
         mean_coef_x0=s.posterior_mean_coef1,
         mean_coef_xt=s.posterior_mean_coef2,
-        sqrt_abar_prev=np.sqrt(abar_prev),
+        sqrt_abar_prev=s.sqrt_alphas_cumprod_prev,
         ddim_sigma=sigma,
         ddim_eps_coef=np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0)),
     )
     t = torch.tensor(np.array(s.timesteps), dtype=torch.int64, device=device)
-    return StepTables(timesteps=t, **{k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in cols.items()})
+    return StepTables(timesteps=t, **cast_columns(cols, device, dtype))
+
+
+def cast_columns(cols: dict[str, np.ndarray], device: torch.device | str, dtype: torch.dtype
+                 ) -> dict[str, torch.Tensor]:
+    """float64 schedule arrays -> ``dtype`` tensors on ``device``: the one cast, at the edge."""
+    return {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in cols.items()}
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, tables: StepTables, k: int, clip: bool = True) -> torch.Tensor:

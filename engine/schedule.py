@@ -42,6 +42,32 @@ class Schedule:
         return np.append(1.0, self.alphas_cumprod[:-1])
 
     @property
+    def sqrt_alphas_cumprod(self) -> np.ndarray:
+        return np.sqrt(self.alphas_cumprod)
+
+    @property
+    def sqrt_one_minus_alphas_cumprod(self) -> np.ndarray:
+        return np.sqrt(1.0 - self.alphas_cumprod)
+
+    @property
+    def sqrt_alphas_cumprod_prev(self) -> np.ndarray:
+        return np.sqrt(self.alphas_cumprod_prev)
+
+    @property
+    def sqrt_recip_alphas_cumprod(self) -> np.ndarray:
+        """sqrt(1 / abar): the coefficient of x_t in x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps."""
+        return np.sqrt(1.0 / self.alphas_cumprod)
+
+    @property
+    def sqrt_recipm1_alphas_cumprod(self) -> np.ndarray:
+        """sqrt(1 / abar - 1): the coefficient of eps in that x0."""
+        return np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+
+    @property
+    def log_betas(self) -> np.ndarray:
+        return np.log(self.betas)
+
+    @property
     def posterior_variance(self) -> np.ndarray:
         """beta_tilde = beta (1 - abar_prev) / (1 - abar)."""
         return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)

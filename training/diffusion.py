@@ -10,23 +10,24 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from dheads.engine.config import DiffusionConfig
+from dheads.engine.sampling import cast_columns
 from dheads.engine.schedule import Schedule, cosine_schedule
 
 LOG2 = math.log(2.0)
 
 
 class DiffusionTables(NamedTuple):
-    """Per-timestep coefficients, each a [T] tensor (computed in float64, cast once)."""
+    """Per-timestep coefficients, each a [T] tensor: the :class:`Schedule` properties of the same names,
+    computed in float64 there and cast once."""
 
-    sqrt_abar: torch.Tensor
-    sqrt_one_minus_abar: torch.Tensor
-    sqrt_recip_abar: torch.Tensor
-    sqrt_recipm1_abar: torch.Tensor
-    log_beta: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    log_betas: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
     posterior_variance: torch.Tensor
@@ -34,7 +35,7 @@ class DiffusionTables(NamedTuple):
 
     @property
     def num_timesteps(self) -> int:
-        return self.sqrt_abar.shape[0]
+        return self.sqrt_alphas_cumprod.shape[0]
 
 
 def schedule_for(config: DiffusionConfig) -> Schedule:
@@ -47,19 +48,7 @@ def schedule_for(config: DiffusionConfig) -> Schedule:
 def make_tables(schedule: Schedule, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> DiffusionTables:
     """Cast the schedule's float64 quantities to ``dtype`` tensors on ``device``."""
-    abar = schedule.alphas_cumprod
-    cols = dict(
-        sqrt_abar=np.sqrt(abar),
-        sqrt_one_minus_abar=np.sqrt(1.0 - abar),
-        sqrt_recip_abar=np.sqrt(1.0 / abar),
-        sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1.0),
-        log_beta=np.log(schedule.betas),
-        posterior_mean_coef1=schedule.posterior_mean_coef1,
-        posterior_mean_coef2=schedule.posterior_mean_coef2,
-        posterior_variance=schedule.posterior_variance,
-        posterior_log_variance_clipped=schedule.posterior_log_variance_clipped,
-    )
-    return DiffusionTables(**{k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in cols.items()})
+    return DiffusionTables(**cast_columns({f: getattr(schedule, f) for f in DiffusionTables._fields}, device, dtype))
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -69,7 +58,9 @@ def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, tables: DiffusionTables) -> torch.Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. Eq. 4)."""
-    return extract(tables.sqrt_abar, t, x0.ndim) * x0 + extract(tables.sqrt_one_minus_abar, t, x0.ndim) * noise
+    nd = x0.ndim
+    return (extract(tables.sqrt_alphas_cumprod, t, nd) * x0
+            + extract(tables.sqrt_one_minus_alphas_cumprod, t, nd) * noise)
 
 
 def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tables: DiffusionTables
@@ -90,10 +81,11 @@ def p_mean_logvar(model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t
     """
     eps, v = model_out.chunk(2, dim=1)
     nd = x_t.ndim
-    x0 = extract(tables.sqrt_recip_abar, t, nd) * x_t - extract(tables.sqrt_recipm1_abar, t, nd) * eps
+    x0 = (extract(tables.sqrt_recip_alphas_cumprod, t, nd) * x_t
+          - extract(tables.sqrt_recipm1_alphas_cumprod, t, nd) * eps)
     mean, _ = q_posterior(x0, x_t, t, tables)
     nu = (v + 1.0) * 0.5
-    logvar = nu * extract(tables.log_beta, t, nd) + (1.0 - nu) * extract(tables.posterior_log_variance_clipped, t, nd)
+    logvar = nu * extract(tables.log_betas, t, nd) + (1.0 - nu) * extract(tables.posterior_log_variance_clipped, t, nd)
     return mean, logvar
 
 
