@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dheads.engine.backends.base import Denoiser, example_inputs
+from dheads.engine.backends.base import UNET_INPUTS, Denoiser, example_inputs
 from dheads.engine.backends.pytorch import TorchDenoiser
 from dheads.engine.config import CREMA, SMALL, SamplerConfig
 from dheads.engine.generate import FrameLoop, LoopConfig
@@ -81,7 +81,7 @@ def summarize(xs: list[float]) -> dict[str, float]:
 
 def _inputs(den: Denoiser, batch: int) -> list[torch.Tensor]:
     x = example_inputs(den.config, batch, device=den.device, generator=torch.Generator().manual_seed(0))
-    return [x[k] for k in ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")]
+    return [x[k] for k in UNET_INPUTS]
 
 
 @contextlib.contextmanager
@@ -214,7 +214,7 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
 
     With ``bc.timing`` off only the parity rows are made (and PyTorch fp16 runs on CPU too).
     """
-    from dheads.engine.pipeline import pick_device
+    from dheads.engine.backends import pick_device
 
     device = pick_device(bc.device)
     if "tensorrt" in bc.backends:  # say so before minutes of export, not after

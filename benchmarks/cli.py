@@ -10,11 +10,9 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from dheads.engine.backends.base import BackendError
+from dheads.engine.backends import BACKENDS, BackendError
 
 from .bench import MODELS, BenchConfig, markdown_table, run_bench, write_results
-
-BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
 
 app = typer.Typer(add_completion=False, help="Benchmark backends against the authors' sampling loop, same run.")
 err = Console(stderr=True)

@@ -35,15 +35,6 @@ def default_engine_path() -> Path:
     return Path(str(importlib.resources.files("dheads.engine") / "assets" / "demo"))
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return dev
-
-
 @dataclass(frozen=True)
 class RunStats:
     """What a run did and how fast: per-frame latency is wall time between consecutive frames."""
@@ -107,7 +98,7 @@ class TalkingHead:
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
              precision: str = "fp32", audio_encoder: str | Path | None = None) -> TalkingHead:
         """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model)."""
-        from .backends import open_denoiser
+        from .backends import open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()

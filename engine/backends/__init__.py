@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..bundle import Manifest
 
 __all__ = ["BACKENDS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec", "example_inputs",
-           "open_denoiser", "unet_io_spec"]
+           "open_denoiser", "pick_device", "unet_io_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     if precision not in ("fp32", "fp16"):
         raise BackendError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     auto = str(device) == "auto"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(device)
+    device = pick_device("auto") if auto else torch.device(device)
     if not path.exists():
         raise BackendError(f"{path}: no such file or directory")
     kind = _artifact_kind(path)
@@ -78,6 +78,16 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
         return _open_checkpoint(_single_checkpoint(path) if path.is_dir() else path, backend, device, precision,
                                 model_config)
     return _open_exported(path, kind, backend, device, precision, model_config, intra_op_threads, auto)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA where torch sees a GPU, else the CPU; a named CUDA device must exist (BackendError)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
 
 
 def _artifact_kind(path: Path) -> str:
@@ -150,9 +160,12 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
         if kind == "plan":
             raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
                                "directory or its .onnx for onnxruntime")
-        if auto_device and device.type == "cuda" and not _ort_has_cuda():
-            log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")
-            device = torch.device("cpu")
+        if auto_device and device.type == "cuda":
+            from .onnxruntime_ import has_cuda_provider
+
+            if not has_cuda_provider():
+                log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")
+                device = torch.device("cpu")
         den, used = _open_onnx(path if kind == "onnx" else None, bundle, manifest, device, precision,
                                intra_op_threads)
     info = EngineInfo(model=manifest.model, audio=manifest.audio, diffusion=manifest.diffusion, backend=backend,
@@ -200,14 +213,6 @@ def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torc
                                + ("; export with --precision fp16 for fp16 ONNX" if precision == "fp16" else ""))
     used = "fp16" if onnx.name == UNET_ONNX_FP16 else "fp32"
     return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
-
-
-def _ort_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def _check_model(path: Path, have: ModelConfig, want: ModelConfig | None) -> None:

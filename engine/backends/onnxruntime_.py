@@ -29,6 +29,11 @@ def _import_ort():
     return ort
 
 
+def has_cuda_provider() -> bool:
+    """Whether the installed ONNX Runtime can run on CUDA (``onnxruntime-gpu``); BackendError if none is installed."""
+    return "CUDAExecutionProvider" in _import_ort().get_available_providers()
+
+
 class OrtDenoiser:
     """``denoiser(x_t, timesteps, identity, motion_frames, audio_emb) -> model_out`` via ONNX Runtime.
 
@@ -70,7 +75,7 @@ class OrtDenoiser:
             return ["CPUExecutionProvider"]
         if self.device.type != "cuda":
             raise BackendError(f"onnxruntime backend runs on cpu or cuda, not {self.device}")
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if not has_cuda_provider():
             raise BackendError("onnxruntime has no CUDA execution provider here; pip install onnxruntime-gpu, "
                                "or use device='cpu' or the tensorrt backend")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
