@@ -162,12 +162,13 @@ class TalkingHead:
             yield to_uint8_frames(x)
 
     def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
-                     crop: str = "auto", allow_silence: bool = False, cuda_graph: bool = True,
-                     on_frame=None) -> RunStats:
+                     crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
+                     cuda_graph: bool = True, on_frame=None) -> RunStats:
         """Write every job's mp4 from one batched loop (one UNet call per step for all of them).
 
         Each mp4 is atomic: a failed run leaves none of them behind. Stats count batch steps (frames of
-        the longest video); ``on_frame(done, total)`` is called per batch step.
+        the longest video); ``on_frame(done, total)`` is called per batch step. ``noise`` as in
+        ``frames_batch`` (it replaces the seeds).
         """
         outs = [Path(j.out).resolve() for j in jobs]
         if not jobs or len(set(outs)) != len(outs):
@@ -176,52 +177,31 @@ class TalkingHead:
                                allow_silence=allow_silence) for j in jobs]
         seeds = [seed if j.seed is None else j.seed for j in jobs]
         fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
+        lat: list[float] = []
+        t0 = last = time.perf_counter()
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(MP4Writer(j.out, fps=fps, audio=x.samples,
                                                      sample_rate=self.info.audio.sample_rate))
                        for j, x in zip(jobs, inputs)]
-            stats = _Timer()
-            for i, imgs in enumerate(self.frames_batch(inputs, sampler=sampler, seeds=seeds, cuda_graph=cuda_graph)):
+            for i, imgs in enumerate(self.frames_batch(inputs, sampler=sampler, seeds=seeds, noise=noise,
+                                                       cuda_graph=cuda_graph)):
                 for b, (w, x) in enumerate(zip(writers, inputs)):
                     if i < x.n_frames:
                         w.write(imgs[b])
-                stats.tick()
+                now = time.perf_counter()
+                lat.append(now - last)
+                last = now
                 if on_frame is not None:
                     on_frame(i + 1, total)
-        return stats.result(fps)
+        return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - t0,
+                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat)
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
                allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True,
                on_frame=None) -> RunStats:
-        """Write ``out`` (H.264 + AAC, 25 fps). Nothing exists at ``out`` unless the whole run succeeded."""
-        inputs = self.prepare(face, audio, crop=crop, frame=frame, max_seconds=max_seconds,
-                              allow_silence=allow_silence)
-        fps = self.info.audio.fps
-        stats = _Timer()
-        with MP4Writer(out, fps=fps, audio=inputs.samples, sample_rate=self.info.audio.sample_rate) as writer:
-            for i, img in enumerate(self.frames(inputs, sampler=sampler, seed=seed, noise=noise,
-                                                cuda_graph=cuda_graph)):
-                writer.write(img)
-                stats.tick()
-                if on_frame is not None:
-                    on_frame(i + 1, inputs.n_frames)
-        return stats.result(fps)
-
-
-class _Timer:
-    """Wall time between consecutive frames, from construction on."""
-
-    def __init__(self) -> None:
-        self.t0 = self.last = time.perf_counter()
-        self.lat: list[float] = []
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        self.lat.append(now - self.last)
-        self.last = now
-
-    def result(self, fps: float) -> RunStats:
-        lat = self.lat
-        return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - self.t0,
-                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat)
+        """Write ``out`` (H.264 + AAC, 25 fps): ``render_batch`` of this one video. Nothing exists at ``out``
+        unless the whole run succeeded."""
+        job = Job(face, audio, out, frame=frame, max_seconds=max_seconds, seed=seed)
+        return self.render_batch([job], sampler=sampler, crop=crop, allow_silence=allow_silence, noise=noise,
+                                 cuda_graph=cuda_graph, on_frame=on_frame)
