@@ -238,12 +238,15 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _merge_tiles(found: list[tuple[float, Face]], iou: float = 0.3) -> list[Face]:
+SAME_FACE_IOU = 0.3  # two detections whose landmark boxes overlap this much are one face
+
+
+def _merge_tiles(found: list[tuple[float, Face]]) -> list[Face]:
     """One face per person out of overlapping tiles: of overlapping detections, keep the one farthest
     from its tile's edge (``found`` holds ``(margin, face)``)."""
     kept: list[Face] = []
     for _, face in sorted(found, key=lambda mf: -mf[0]):
-        if all(_iou(face.bbox, k.bbox) < iou for k in kept):
+        if all(_iou(face.bbox, k.bbox) < SAME_FACE_IOU for k in kept):
             kept.append(face)
     return kept
 
@@ -268,8 +271,7 @@ def detect_faces(landmarker: FaceLandmarker, rgb: np.ndarray, *, min_tile: int =
             for x0 in _tile_origins(w, side):
                 for f in landmarker.detect(rgb[y0 : y0 + side, x0 : x0 + side]):
                     bx0, by0, bx1, by1 = f.bbox
-                    margin = min(bx0, by0, side - bx1, side - by1)
-                    found.append((margin, Face(_shifted(f.landmarks, x0, y0), f.blendshapes)))
+                    found.append((min(bx0, by0, side - bx1, side - by1), _moved(f, x0, y0)))
         faces = _merge_tiles(found)
         if faces:
             log.info("found %d small face(s) in %d px tiles", len(faces), side)
@@ -289,16 +291,16 @@ def _refine(landmarker: FaceLandmarker, rgb: np.ndarray, face: Face, context: fl
     if side >= min(h, w):
         return face
     bx, by = _shift_inside(round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2), side, (h, w))
-    again = [Face(_shifted(f.landmarks, bx, by), f.blendshapes)
-             for f in landmarker.detect(rgb[by : by + side, bx : bx + side])]
-    again = [f for f in again if _iou(f.bbox, face.bbox) >= 0.3]
+    again = [_moved(f, bx, by) for f in landmarker.detect(rgb[by : by + side, bx : bx + side])]
+    again = [f for f in again if _iou(f.bbox, face.bbox) >= SAME_FACE_IOU]
     return again[0] if len(again) == 1 else face
 
 
-def _shifted(landmarks: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    out = landmarks + np.array([dx, dy], dtype=np.float32)
-    out.setflags(write=False)
-    return out
+def _moved(face: Face, dx: int, dy: int) -> Face:
+    """``face`` found in a crop whose top-left is ``(dx, dy)``, in the whole image's pixels."""
+    xy = face.landmarks + np.array([dx, dy], dtype=np.float32)
+    xy.setflags(write=False)
+    return Face(xy, face.blendshapes)
 
 
 def single_face(faces: Sequence[Face], source: str | os.PathLike | None = None) -> Face:
