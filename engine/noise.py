@@ -37,6 +37,9 @@ class PerStreamNoise:
     def __call__(self, frame: int, out: torch.Tensor) -> None:
         if out.shape[1] != len(self.streams):
             raise ValueError(f"noise for {len(self.streams)} streams, buffer holds {out.shape[1]}")
+        if len(self.streams) == 1 and out.is_contiguous():  # a batch of one: fill in place, no scratch copy
+            self.streams[0](frame, out)
+            return
         if self._one is None:
             self._one = torch.empty_like(out[:, :1], memory_format=torch.contiguous_format)
         for b, stream in enumerate(self.streams):

@@ -97,3 +97,12 @@ def test_per_stream_noise_equals_each_stream_seeded_alone():
             assert torch.equal(batch[:, b : b + 1], one)
     with pytest.raises(ValueError, match="noise for 2 streams, buffer holds 3"):
         fill(2, torch.empty(5, 3, 3, 8, 8))
+
+
+def test_per_stream_noise_of_one_stream_is_the_seeded_noise():
+    from dheads.engine.noise import PerStreamNoise, SeededNoise
+
+    a, b = torch.empty(5, 1, 3, 8, 8), torch.empty(5, 1, 3, 8, 8)
+    PerStreamNoise([4])(0, a)
+    SeededNoise(4)(0, b)
+    assert torch.equal(a, b)
