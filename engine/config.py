@@ -76,6 +76,37 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
+# GroupNorm over fewer channels than this erases the spatial mean (the colour) of what it normalises:
+# with one channel per group every norm layer is an InstanceNorm, and the UNet cannot predict the
+# mean of the noise, so its frames' colour flickers (see training/health.py).
+MIN_CHANNELS_PER_GROUP = 4
+MAX_GROUPS = 32
+
+
+def norm_groups_problem(cfg: ModelConfig) -> str | None:
+    """Why ``cfg``'s GroupNorm layers cannot carry colour, or None when they can.
+
+    The narrowest normalised layer has ``model_channels`` channels (every level is a multiple of it).
+    """
+    c, g = cfg.model_channels, cfg.groups
+    if g < 1 or c % g:
+        return f"model.groups = {g} does not divide model.model_channels = {c}"
+    if c // g < MIN_CHANNELS_PER_GROUP:
+        return (f"model.groups = {g} with model_channels = {c} gives {c // g} channel(s) per GroupNorm group, "
+                f"which erases each channel's mean (the frame's colour); use model.groups = {default_groups(c)} "
+                f"(at least {MIN_CHANNELS_PER_GROUP} channels per group)")
+    return None
+
+
+def default_groups(channels: int) -> int:
+    """The most groups (at most 32) that divide ``channels`` with at least 4 channels each (1 if none)."""
+    best = 1
+    for g in range(1, MAX_GROUPS + 1):
+        if channels % g == 0 and channels // g >= MIN_CHANNELS_PER_GROUP:
+            best = g
+    return best
+
+
 CREMA = ModelConfig()
 LRW = ModelConfig(grayscale_motion=True)
 # Built by the same code as the full model; fast enough for CPU tests.

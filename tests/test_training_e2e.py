@@ -105,6 +105,11 @@ def test_tiny_preset_learns_and_resumes_bit_exactly(prepared, run_a, tmp_path):
     assert vlb > 0 and lip > 0  # all three terms are live
     assert (out / "checkpoints" / f"step_{CHECKPOINT_AT:08d}.pt").is_file()
     assert (out / "last.pt").samefile(out / "checkpoints" / f"step_{STEPS:08d}.pt")
+    # every checkpoint was health-checked (here on training frames: these clips have no test split)
+    health = [json.loads(line) for line in (out / "health.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in health] == [CHECKPOINT_AT, STEPS]
+    assert set(health[-1]["dc_slope"]) == {"999", "900", "500"} and health[-1]["samples"] == 48
+    assert health[-1]["passed"] == (not health[-1]["failures"])
 
     # resume from the step-20 checkpoint into a fresh folder, 2 steps: the same losses, bit for bit
     tic = time.perf_counter()

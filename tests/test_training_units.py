@@ -346,3 +346,24 @@ def test_ema_update():
     ema.update(m, 0)
     assert torch.allclose(ema.state_dict()["weight"], torch.full((1, 2), 0.1))
     assert EMA(m, 0.999, warmup=True).decay_at(0) == pytest.approx(0.1)
+
+
+def test_vb_term_clamps_the_predicted_x0_like_the_authors():
+    """With clip_x0 the posterior mean uses clamp(x0_hat, -1, 1) (their get_q_params); eps = -2 at t = 700
+    puts x0_hat far above 1, so the two differ, and the clamped one equals the term at x0_hat = 1."""
+    sched = cosine_schedule(1000)
+    tables = make_tables(sched, dtype=torch.float64)
+    t, xt, x0 = 700, 0.2, 0.5
+    abar = sched.alphas_cumprod[t]
+    eps = -2.0
+    assert xt / math.sqrt(abar) - math.sqrt(1 / abar - 1) * eps > 1.5
+    eps_at_one = (xt / math.sqrt(abar) - 1.0) / math.sqrt(1 / abar - 1)  # the eps whose x0_hat is exactly 1
+    shape = (1, 3, 1, 1)
+
+    def term(e: float, clip: bool) -> float:
+        out = torch.cat([torch.full(shape, e), torch.full(shape, 0.1)], 1).double()
+        return vb_terms_bpd(out, torch.full(shape, x0).double(), torch.full(shape, xt).double(),
+                            torch.tensor([t]), tables, clip_x0=clip).item()
+
+    assert term(eps, True) == pytest.approx(term(eps_at_one, False), rel=1e-7)  # KL cancellation: see above
+    assert term(eps, False) > 2 * term(eps, True)

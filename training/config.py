@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dheads.engine.config import DiffusionConfig, ModelConfig, _from_dict, _to_dict
+from dheads.engine.config import DiffusionConfig, ModelConfig, _from_dict, _to_dict, default_groups, norm_groups_problem
 
 PRESETS = ("crema", "lrw", "tiny")
 
@@ -43,12 +43,25 @@ class DataConfig:
     identity: str = "random"
     num_workers: int = 0  # DataLoader worker processes per rank
     cache: str = "auto"  # memory (load every clip once) | mmap (read frames on demand) | auto
+    # Augmentation (training/augment.py); all off by default = the paper's recipe.
+    hflip: float = 0.0  # probability of mirroring a sample
+    motion_corrupt_prob: float = 0.0  # probability that a sample's motion frames are corrupted
+    motion_noise: float = 0.0  # max std of the added Gaussian noise, levels of 255
+    motion_blur: float = 0.0  # max Gaussian blur sigma, pixels at model.image_size
+    motion_color: float = 0.0  # max per-channel colour offset, levels of 255
+    motion_corrupt_ramp: int = 0  # steps over which the three maxima ramp up from 0
 
     def __post_init__(self) -> None:
         _check_choice("data.identity", self.identity, ("random", "first"))
         _check_choice("data.cache", self.cache, ("auto", "memory", "mmap"))
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("hflip", "motion_corrupt_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("motion_noise", "motion_blur", "motion_color", "motion_corrupt_ramp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class LossConfig:
     lip_pad: float = 5.0
     lip_pad_at: int = 128
     lip_frame: str = "target"
+    # The authors clamp the predicted x0 to [-1, 1] inside the VLB's posterior (their get_q_params).
+    vlb_clip_x0: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("loss.lip_frame", self.lip_frame, ("target", "identity"))
@@ -134,19 +149,29 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
+    def __post_init__(self) -> None:
+        problem = norm_groups_problem(self.model)
+        if problem:
+            raise ValueError(problem)
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Sections -> config. A ``[model]`` table without ``groups`` gets ``default_groups(model_channels)``
+        (32 for the released widths, fewer for narrow models, so no GroupNorm is mean-blind)."""
         sections = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(data) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}; expected {sorted(sections)}")
+        model = dict(data.get("model", {}))
+        if "groups" not in model:
+            model["groups"] = default_groups(int(model.get("model_channels", ModelConfig.model_channels)))
         kwargs = {}
         for name, f in sections.items():
             sub_cls = f.default_factory  # the dataclass itself
-            kwargs[name] = _from_dict(sub_cls, dict(data.get(name, {})))
+            kwargs[name] = _from_dict(sub_cls, model if name == "model" else dict(data.get(name, {})))
         return cls(**kwargs)
 
     def replace(self, **sections: Any) -> TrainingConfig:

@@ -66,7 +66,7 @@ def sample_spec(rng: np.random.Generator, lengths: Sequence[int], identity: str 
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int, stream: int) -> int:
-    """A 63-bit seed for one (step, rank, micro-batch) and stream (0: data, 1: noise, 2: dropout)."""
+    """A 63-bit seed for one (step, rank, micro-batch) and stream (0: data, 1: noise, 2: dropout, 3: augmentation)."""
     return int(np.random.SeedSequence([seed, step, rank, micro, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 

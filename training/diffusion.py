@@ -71,18 +71,20 @@ def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tables: Di
     return mean, extract(tables.posterior_log_variance_clipped, t, nd)
 
 
-def p_mean_logvar(model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tables: DiffusionTables
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def p_mean_logvar(model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tables: DiffusionTables,
+                  clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and log-variance of p(x_{t-1} | x_t) from ``model_out = [eps | v]`` ([B, 6, H, W]).
 
     Learned-range variance (Nichol & Dhariwal Eq. 15): ``logvar = nu log beta + (1 - nu) log beta_tilde``
-    with ``nu = (v + 1) / 2``; the mean is the posterior mean at the predicted x0 (not clipped in
-    training, as in improved-diffusion).
+    with ``nu = (v + 1) / 2``; the mean is the posterior mean at the predicted x0, clamped to [-1, 1]
+    with ``clip_x0`` (the authors' training code; improved-diffusion does not clamp in training).
     """
     eps, v = model_out.chunk(2, dim=1)
     nd = x_t.ndim
     x0 = (extract(tables.sqrt_recip_alphas_cumprod, t, nd) * x_t
           - extract(tables.sqrt_recipm1_alphas_cumprod, t, nd) * eps)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
     mean, _ = q_posterior(x0, x_t, t, tables)
     nu = (v + 1.0) * 0.5
     logvar = nu * extract(tables.log_betas, t, nd) + (1.0 - nu) * extract(tables.posterior_log_variance_clipped, t, nd)
@@ -126,15 +128,15 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def vb_terms_bpd(model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 tables: DiffusionTables) -> torch.Tensor:
+                 tables: DiffusionTables, clip_x0: bool = False) -> torch.Tensor:
     """The variational-bound term L_t per sample, in bits per dimension: [B].
 
     ``t > 0``: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)); ``t = 0``: -log p(x0|x1), the discretized
     Gaussian decoder NLL. Pass ``model_out`` with a DETACHED eps half so that only the variance
-    output learns from this term (improved DDPM Section 3.1).
+    output learns from this term (improved DDPM Section 3.1). ``clip_x0``: see ``p_mean_logvar``.
     """
     true_mean, true_logvar = q_posterior(x0, x_t, t, tables)
-    mean, logvar = p_mean_logvar(model_out, x_t, t, tables)
+    mean, logvar = p_mean_logvar(model_out, x_t, t, tables, clip_x0)
     kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / LOG2
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / LOG2
     return torch.where(t == 0, nll, kl)

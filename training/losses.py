@@ -2,7 +2,8 @@
 
 * ``L_simple``: MSE between the true and predicted noise, mean over every element.
 * ``L_vlb``: the variational-bound term L_t in bits/dim (``diffusion.vb_terms_bpd``) computed with a
-  DETACHED eps, so it trains only the variance output v; mean over the batch. This is
+  DETACHED eps, so it trains only the variance output v; mean over the batch. The predicted x0 inside
+  it is clamped to [-1, 1] as in the authors' code (``loss.vlb_clip_x0``). This is
   improved-diffusion's per-sample ``vb`` term (no T multiplier), which that code adds with weight 1.
 * ``L_lip``: the same noise MSE restricted to a box around the lips, padded ``lip_pad`` pixels at
   128x128 (scaled to the model resolution): per sample the mean over the box's pixels and channels,
@@ -81,7 +82,7 @@ def diffusion_losses(model_out: torch.Tensor, noise: torch.Tensor, x0: torch.Ten
     zero = mse.new_zeros(())
     if model_out.shape[1] == 6 and cfg.lambda_vlb > 0:
         frozen = torch.cat([eps.detach(), model_out[:, 3:]], dim=1)
-        vlb = vb_terms_bpd(frozen, x0, x_t, t, tables).mean()
+        vlb = vb_terms_bpd(frozen, x0, x_t, t, tables, cfg.vlb_clip_x0).mean()
     else:
         vlb = zero
     lip = masked_mse(eps, noise, lip_mask) if lip_mask is not None and cfg.lambda_lip > 0 else zero

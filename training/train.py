@@ -37,6 +37,8 @@ from dheads.engine.checkpoint import Checkpoint, save_checkpoint
 from dheads.engine.config import AudioConfig
 from dheads.engine.model import DiffusedHeadsUNet
 
+from . import health
+from .augment import augment
 from .config import OptimConfig, TrainingConfig, dumps_toml
 from .dataset import ClipStore, FrameDataset, StepBatchSampler, preview_inputs, step_seed
 from .diffusion import make_tables, q_sample, schedule_for
@@ -236,6 +238,7 @@ class Trainer:
         self.audio: AudioConfig = self.store.audio
         self.tables = make_tables(schedule_for(cfg.diffusion), self.dist.device)
 
+        self.health_batch = self._health_batch() if self.dist.is_main else None
         self.model = DiffusedHeadsUNet(cfg.model).to(self.dist.device)
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
@@ -259,6 +262,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _health_batch(self) -> dict[str, torch.Tensor]:
+        """Fixed frames for the health check: the held-out (test) clips where there are any."""
+        try:
+            store, split = ClipStore(self.store.root, "test", self.cfg.data.cache), "test"
+        except ValueError:
+            store, split = self.store, "train"
+            log.warning("%s has no test clips: the model-health check uses training frames", self.store.root)
+        batch = health.health_batch(FrameDataset(store, self.cfg.model, self.cfg.loss))
+        log.info("model-health check: %d frames of the %s split", batch["x0"].shape[0], split)
+        return {k: v.to(self.dist.device) for k, v in batch.items()}
+
+    def check_health(self) -> health.HealthReport:
+        """The health check on the EMA weights, appended to ``health.jsonl`` (a loud warning when it fails)."""
+        net = self.checkpoint().build(ema=True, device=self.dist.device)
+        report = health.measure(net, self.health_batch, self.tables)
+        health.append_report(self.out / "health.jsonl", self.step, report)
+        health.log_report(report, f"step {self.step}")
+        return report
+
     def checkpoint(self) -> Checkpoint:
         sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return Checkpoint(model=self.cfg.model, state_dict=sd, audio=self.audio, diffusion=self.cfg.diffusion,
@@ -275,6 +297,7 @@ class Trainer:
                                 "world_size": self.dist.world_size, "clips": list(self.store.ids)}}
         save_checkpoint(path, self.checkpoint(), extra)
         _atomic_link(path, self.out / "last.pt")
+        self.check_health()
         keep = self.cfg.train.keep_checkpoints
         if keep:
             for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
@@ -321,6 +344,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns the detached [4] (loss, mse, vlb, lip)."""
         cfg, dev = self.cfg, self.dist.device
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        aug = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 3))
+        b = augment(b, cfg.data, cfg.model.motion_frames, self.step, aug)
         x0 = b["x0"]
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 1))
         t = torch.randint(0, self.tables.num_timesteps, (x0.shape[0],), generator=g).to(dev)

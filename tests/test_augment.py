@@ -1,0 +1,84 @@
+"""Training augmentation: mirrored samples and corrupted motion frames (training/augment.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dheads.training.augment import LEVEL, augment, corrupt_motion, gaussian_blur, hflip_sample, ramp
+from dheads.training.config import DataConfig
+from dheads.training.losses import box_mask
+
+
+def _batch(b: int = 6, size: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"x0": torch.rand(b, 3, size, size, generator=g) * 2 - 1,
+            "identity": torch.rand(b, 3, size, size, generator=g) * 2 - 1,
+            "motion": torch.rand(b, 6, size, size, generator=g) * 2 - 1,
+            "audio": torch.randn(b, 5, 4, generator=g),
+            "lip_box": torch.tensor([[2, 9, 7, 14]] * b)}
+
+
+def test_the_paper_recipe_leaves_the_batch_alone():
+    b = _batch()
+    out = augment(b, DataConfig(), 2, 100, torch.Generator().manual_seed(0))
+    assert all(out[k] is b[k] for k in b)
+
+
+def test_mirroring_moves_the_lip_box_with_the_face():
+    b = _batch(2)
+    out = hflip_sample(b, torch.tensor([True, False]))
+    assert torch.equal(out["x0"][0], b["x0"][0].flip(-1)) and torch.equal(out["x0"][1], b["x0"][1])
+    assert torch.equal(out["motion"][0], b["motion"][0].flip(-1))
+    assert out["lip_box"].tolist() == [[9, 9, 14, 14], [2, 9, 7, 14]]
+    # the mask of the mirrored box is the mirrored mask
+    assert torch.equal(box_mask(out["lip_box"], 16, 16)[0], box_mask(b["lip_box"], 16, 16)[0].flip(-1))
+
+
+def test_blur_of_sigma_zero_is_the_identity_and_blur_keeps_the_mean():
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    y = gaussian_blur(x, torch.tensor([0.0, 1.5]))
+    assert torch.equal(y[0], x[0])
+    assert (y[1] - x[1]).abs().max() > 0.05
+    const = torch.full((1, 1, 8, 8), 0.3, dtype=torch.float64)
+    assert torch.allclose(gaussian_blur(const, torch.tensor([2.0])), const, atol=1e-12)
+
+
+def test_colour_offset_is_shared_by_the_motion_frames_and_bounded():
+    motion = torch.zeros(64, 6, 4, 4)
+    out = corrupt_motion(motion, 2, noise=0.0, blur=0.0, color=6.0, prob=1.0, generator=torch.Generator().manual_seed(2))
+    first, second = out[:, :3], out[:, 3:]
+    assert torch.equal(first, second)  # the same offset for both frames of a sample
+    levels = first[:, :, 0, 0] / LEVEL
+    assert levels.abs().max() <= 6.0 + 1e-4 and levels.abs().max() > 4.0
+    assert torch.equal(out, out[..., :1, :1].expand_as(out))  # uniform over the image
+
+
+def test_noise_std_is_within_its_maximum_and_prob_zero_does_nothing():
+    motion = torch.zeros(200, 3, 32, 32)
+    out = corrupt_motion(motion, 1, noise=8.0, blur=0.0, color=0.0, prob=1.0, generator=torch.Generator().manual_seed(1))
+    std = out.std(dim=(1, 2, 3)) / LEVEL
+    assert std.max() < 8.0 * 1.1 and std.mean() == pytest.approx(4.0, rel=0.15)  # U(0, 8) has mean 4
+    none = corrupt_motion(motion, 1, noise=8.0, blur=1.0, color=6.0, prob=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(none, motion)
+
+
+def test_augmentation_is_a_pure_function_of_its_seed_and_ramps_up():
+    cfg = DataConfig(hflip=0.5, motion_corrupt_prob=0.5, motion_noise=6.0, motion_blur=1.0, motion_color=6.0,
+                     motion_corrupt_ramp=100)
+    b = _batch()
+    a1 = augment(b, cfg, 2, 1000, torch.Generator().manual_seed(7))
+    a2 = augment(b, cfg, 2, 1000, torch.Generator().manual_seed(7))
+    assert all(torch.equal(a1[k], a2[k]) for k in b)
+    assert torch.equal(a1["audio"], b["audio"])  # audio is never touched
+    assert ramp(0, 100) == 0.0 and ramp(50, 100) == 0.5 and ramp(500, 100) == 1.0 and ramp(3, 0) == 1.0
+    at0 = augment(b, DataConfig(motion_corrupt_prob=1.0, motion_noise=6.0, motion_corrupt_ramp=100), 2, 0,
+                  torch.Generator().manual_seed(7))
+    assert torch.equal(at0["motion"], b["motion"])  # strength 0 at step 0
+
+
+def test_bad_augmentation_values_are_refused():
+    with pytest.raises(ValueError, match="data.hflip must be in \\[0, 1\\], got 1.5"):
+        DataConfig(hflip=1.5)
+    with pytest.raises(ValueError, match="data.motion_noise must be >= 0, got -1"):
+        DataConfig(motion_noise=-1)

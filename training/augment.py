@@ -1,0 +1,107 @@
+"""Training-time augmentation: mirrored samples and corrupted motion frames (drift-robust training).
+
+At inference the motion frames are the model's own previous outputs, which carry its errors: grain, blur
+and a small colour offset that, fed back frame after frame, grow into drift. Training on slightly
+corrupted ground-truth motion frames teaches the model to take pose and mouth from the motion frames
+but colour and detail from the identity frame. Per sample, with probability ``motion_corrupt_prob``:
+
+* Gaussian noise of std ~ U(0, motion_noise) levels of 255, independent per pixel;
+* a Gaussian blur of sigma ~ U(0, motion_blur) pixels (at the model's resolution);
+* a colour offset ~ U(-motion_color, motion_color) levels of 255 per channel, the same for every
+  motion frame of the sample (model drift is slow, so it is shared by consecutive frames).
+
+The three maxima ramp linearly from 0 to their values over the first ``motion_corrupt_ramp`` steps.
+``hflip``: the probability of mirroring a whole sample (target, identity, motion frames, lip box).
+Every draw comes from the generator passed in, so a step's augmentation is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LEVEL = 2.0 / 255.0  # one level of 255 in the [-1, 1] image range
+
+
+def ramp(step: int, ramp_steps: int) -> float:
+    """Corruption strength at ``step``: linear from 0 to 1 over ``ramp_steps`` steps (1 when 0)."""
+    return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+
+
+def _uniform(n: int, generator: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each sample of ``x`` [B, C, H, W] with its own Gaussian (sigma [B] pixels; 0 leaves it as it is).
+
+    Separable, reflect-padded, one grouped convolution per axis.
+    """
+    b, c, h, w = x.shape
+    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    s = sigma.double().clamp(min=1e-3).view(b, 1)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / s) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype).to(x.device)  # [B, K]
+    k = kernel.repeat_interleave(c, dim=0)  # [B*C, K]
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), k.view(b * c, 1, 1, -1), groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), k.view(b * c, 1, -1, 1), groups=b * c)
+    return flat.view(b, c, h, w)
+
+
+def corrupt_motion(motion: torch.Tensor, frames: int, *, noise: float, blur: float, color: float, prob: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Corrupted copy of ``motion`` [B, M*c, H, W] (M = ``frames`` motion frames); levels of 255, pixels."""
+    b, mc, h, w = motion.shape
+    c = mc // frames
+    hit = (_uniform(b, generator) < prob).to(motion.dtype).to(motion.device)
+    out = motion
+    if blur > 0:
+        sigma = _uniform(b, generator, 0.0, blur) * hit.double().cpu()
+        out = gaussian_blur(out, sigma)
+    if color > 0:
+        offset = _uniform(b * c, generator, -color, color).view(b, 1, c, 1, 1).to(motion.dtype).to(motion.device)
+        out = (out.view(b, frames, c, h, w) + offset * LEVEL * hit.view(b, 1, 1, 1, 1)).view(b, mc, h, w)
+    if noise > 0:
+        std = (_uniform(b, generator, 0.0, noise).to(motion.dtype).to(motion.device) * hit * LEVEL).view(b, 1, 1, 1)
+        z = torch.randn(motion.shape, generator=generator, dtype=motion.dtype).to(motion.device)
+        out = out + std * z
+    return out
+
+
+def hflip_sample(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mirror the samples where ``mask`` [B] is true: images along W, lip boxes ``(x0, y0, x1, y1)`` to
+    ``(W - x1, y0, W - x0, y1)``."""
+    out = dict(batch)
+    m4 = mask.view(-1, 1, 1, 1)
+    for key in ("x0", "identity", "motion"):
+        out[key] = torch.where(m4, batch[key].flip(-1), batch[key])
+    box = batch["lip_box"]
+    width = batch["x0"].shape[-1]
+    mirrored = torch.stack([width - box[:, 2], box[:, 1], width - box[:, 0], box[:, 3]], dim=1)
+    out["lip_box"] = torch.where(mask.view(-1, 1), mirrored, box)
+    return out
+
+
+def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: int,
+            generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The batch after ``data_cfg``'s mirroring and motion-frame corruption at ``step`` (a new dict).
+
+    ``data_cfg``: a ``training.config.DataConfig``. With every probability and maximum 0, the batch is
+    returned unchanged (and no random number is drawn).
+    """
+    out = batch
+    if data_cfg.hflip > 0:
+        b = batch["x0"].shape[0]
+        out = hflip_sample(out, (_uniform(b, generator) < data_cfg.hflip).to(batch["x0"].device))
+    s = ramp(step, data_cfg.motion_corrupt_ramp)
+    if data_cfg.motion_corrupt_prob > 0 and s > 0 and (data_cfg.motion_noise or data_cfg.motion_blur
+                                                        or data_cfg.motion_color):
+        out = dict(out)
+        out["motion"] = corrupt_motion(out["motion"], motion_frames, noise=s * data_cfg.motion_noise,
+                                       blur=s * data_cfg.motion_blur, color=s * data_cfg.motion_color,
+                                       prob=data_cfg.motion_corrupt_prob, generator=generator)
+    return out
