@@ -367,3 +367,20 @@ def test_vb_term_clamps_the_predicted_x0_like_the_authors():
 
     assert term(eps, True) == pytest.approx(term(eps_at_one, False), rel=1e-7)  # KL cancellation: see above
     assert term(eps, False) > 2 * term(eps, True)
+
+
+def test_dc_loss_weighs_the_noise_mean_like_a_whole_image():
+    from dheads.training.losses import dc_loss
+
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    blind = noise - noise.mean(dim=(2, 3), keepdim=True)  # right everywhere but the mean
+    level = torch.tensor([1.0, 0.5])
+    want = ((noise.mean(dim=(2, 3)) ** 2 * 64).mean(dim=1) * level).mean()
+    assert dc_loss(blind, noise, level).item() == pytest.approx(want.item(), rel=1e-6)
+    assert dc_loss(noise + 0.3 * blind, noise, level).item() == pytest.approx(0.0, abs=1e-10)  # means agree
+    out, noise, x0, x_t, t, tables, mask = _loss_inputs()
+    terms = diffusion_losses(out, noise, x0, x_t, t, tables, mask, LossConfig(lambda_dc=0.5))
+    assert terms.dc.item() == pytest.approx(dc_loss(out[:, :3], noise, 1 - tables.sqrt_alphas_cumprod[t] ** 2).item())
+    assert terms.loss.item() == pytest.approx((terms.mse + 1e-4 * terms.vlb + 0.2 * terms.lip + 0.5 * terms.dc).item(),
+                                              rel=1e-6)
+    assert diffusion_losses(out, noise, x0, x_t, t, tables, mask, LossConfig()).dc.item() == 0.0  # paper: off

@@ -4,6 +4,7 @@
     dh-train fit --data OUT --out RUN [--config tiny] [--set optim.lr=1e-4] [--resume auto]
     torchrun --nproc_per_node 8 -m dheads.training.cli fit --data OUT --out RUN --config crema
     dh-train sample RUN/last.pt --data OUT --out preview.mp4 [--frames 25]
+    dh-train health RUN/last.pt --data OUT                       # can the model see colour? exit 1 if not
 
 Thin: flags become config values and one library call (``prepare.prepare``, ``train.fit``,
 ``train.write_preview``).
@@ -144,6 +145,39 @@ def sample(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     log.info("wrote %s", path)
+
+
+@app.command()
+def health(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (e.g. RUN/last.pt)")],
+    data: Annotated[Path, typer.Option(help="a prepared folder; its test clips are used (else its training clips)")],
+    raw: Annotated[bool, typer.Option(help="check the raw weights instead of the EMA weights")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Can the model control the frame's colour? Exit 1 when the health check fails."""
+    _setup_logging(verbose)
+    from dheads.engine.checkpoint import load_checkpoint
+    from dheads.engine.config import DiffusionConfig
+
+    from .config import LossConfig
+    from .dataset import ClipStore, FrameDataset
+    from .diffusion import make_tables, schedule_for
+    from .health import health_batch, log_report, measure
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        try:
+            store = ClipStore(data, "test")
+        except ValueError:
+            store = ClipStore(data, "train")
+        batch = health_batch(FrameDataset(store, ckpt.model, LossConfig()))
+        report = measure(ckpt.build(ema=not raw), batch, make_tables(schedule_for(ckpt.diffusion or DiffusionConfig())))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    log_report(report, f"{checkpoint} ({store.split} clips)")
+    typer.echo(report.summary())
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,12 +78,14 @@ class LossConfig:
     lip_pad: float = 5.0
     lip_pad_at: int = 128
     lip_frame: str = "target"
+    # Ours, not the paper's: weight of the noise-DC loss (losses.dc_loss); 0 = the paper's recipe.
+    lambda_dc: float = 0.0
     # The authors clamp the predicted x0 to [-1, 1] inside the VLB's posterior (their get_q_params).
     vlb_clip_x0: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("loss.lip_frame", self.lip_frame, ("target", "identity"))
-        if self.lambda_vlb < 0 or self.lambda_lip < 0 or self.lip_pad < 0:
+        if self.lambda_vlb < 0 or self.lambda_lip < 0 or self.lambda_dc < 0 or self.lip_pad < 0:
             raise ValueError("loss weights and lip_pad must be >= 0")
 
 

@@ -5,6 +5,8 @@
   DETACHED eps, so it trains only the variance output v; mean over the batch. The predicted x0 inside
   it is clamped to [-1, 1] as in the authors' code (``loss.vlb_clip_x0``). This is
   improved-diffusion's per-sample ``vb`` term (no T multiplier), which that code adds with weight 1.
+* ``L_dc`` (ours, off in the paper's recipe): ``dc_loss``, the noise's per-channel mean, weighted
+  ``lambda_dc``.
 * ``L_lip``: the same noise MSE restricted to a box around the lips, padded ``lip_pad`` pixels at
   128x128 (scaled to the model resolution): per sample the mean over the box's pixels and channels,
   then the mean over the batch.
@@ -22,12 +24,26 @@ from .diffusion import DiffusionTables, mean_flat, vb_terms_bpd
 
 
 class LossTerms(NamedTuple):
-    """The weighted total and its three unweighted parts, each a scalar tensor."""
+    """The weighted total and its unweighted parts, each a scalar tensor."""
 
     loss: torch.Tensor
     mse: torch.Tensor
     vlb: torch.Tensor
     lip: torch.Tensor
+    dc: torch.Tensor
+
+
+def dc_loss(eps: torch.Tensor, noise: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+    """The error of the noise's per-channel spatial mean (its DC), weighted like one whole image.
+
+    ``H*W * (mean(eps) - mean(noise))^2`` per sample and channel, times ``noise_level`` [B] (``1 - abar_t``:
+    the DC matters at the noisy steps, where the sampler multiplies it by ``sqrt(1/abar - 1)``, and is
+    not knowable at the clean ones), then the mean. In L_simple the DC is one of H*W components: 2e-4
+    of the loss at 64x64, which is why a model can ignore it and flicker.
+    """
+    hw = eps.shape[2] * eps.shape[3]
+    err = (eps.mean(dim=(2, 3)) - noise.mean(dim=(2, 3))) ** 2 * hw  # [B, C]
+    return (err.mean(dim=1) * noise_level).mean()
 
 
 def pad_box(box: tuple[float, float, float, float] | torch.Tensor, pad: float, size: int
@@ -71,7 +87,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 def diffusion_losses(model_out: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                      t: torch.Tensor, tables: DiffusionTables, lip_mask: torch.Tensor | None,
                      cfg: LossConfig) -> LossTerms:
-    """The three terms and their weighted sum.
+    """The terms and their weighted sum (``dc`` is 0 unless ``cfg.lambda_dc > 0``).
 
     model_out: [B, 6, H, W] (eps, v) or [B, 3, H, W] (eps only: no L_vlb); noise, x0, x_t: [B, 3, H, W];
     t: [B] int64; lip_mask: [B, 1, H, W] or None (no L_lip).
@@ -86,5 +102,6 @@ def diffusion_losses(model_out: torch.Tensor, noise: torch.Tensor, x0: torch.Ten
     else:
         vlb = zero
     lip = masked_mse(eps, noise, lip_mask) if lip_mask is not None and cfg.lambda_lip > 0 else zero
-    loss = mse + cfg.lambda_vlb * vlb + cfg.lambda_lip * lip
-    return LossTerms(loss, mse, vlb, lip)
+    dc = dc_loss(eps, noise, 1.0 - tables.sqrt_alphas_cumprod[t] ** 2) if cfg.lambda_dc > 0 else zero
+    loss = mse + cfg.lambda_vlb * vlb + cfg.lambda_lip * lip + cfg.lambda_dc * dc
+    return LossTerms(loss, mse, vlb, lip, dc)

@@ -46,7 +46,7 @@ from .losses import box_mask, diffusion_losses
 
 log = logging.getLogger(__name__)
 
-METRICS = ("loss", "mse", "vlb", "lip", "lr", "grad_norm", "samples_per_s")
+METRICS = ("loss", "mse", "vlb", "lip", "dc", "lr", "grad_norm", "samples_per_s")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -341,7 +341,7 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
     def _micro(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns the detached [4] (loss, mse, vlb, lip)."""
+        """Forward + backward of one micro-batch; returns the detached [5] (loss, mse, vlb, lip, dc)."""
         cfg, dev = self.cfg, self.dist.device
         b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         aug = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 3))
@@ -383,8 +383,8 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step - 1)
-        loss, mse, vlb, lip = sums.tolist()
-        return {"loss": loss, "mse": mse, "vlb": vlb, "lip": lip, "lr": lr, "grad_norm": float(gnorm)}
+        loss, mse, vlb, lip, dc = sums.tolist()
+        return {"loss": loss, "mse": mse, "vlb": vlb, "lip": lip, "dc": dc, "lr": lr, "grad_norm": float(gnorm)}
 
     # ------------------------------------------------------------------ samples
 
@@ -442,7 +442,7 @@ class Trainer:
         """Average the loss terms over ranks (every rank calls this at the same steps)."""
         if not self.dist.distributed:
             return m
-        keys = ("loss", "mse", "vlb", "lip", "grad_norm")
+        keys = ("loss", "mse", "vlb", "lip", "dc", "grad_norm")
         v = torch.tensor([m[k] for k in keys], device=self.dist.device)
         dist.all_reduce(v)
         out = dict(m)
