@@ -15,10 +15,10 @@ measured on the inner face (eye corners, mouth corners), never on the mesh's out
 The eye-corner distance is the face-size unit of ``mouth_opening`` too: it does not grow when the
 jaw drops, and the eye-to-mouth term (FFHQ's alignment rule, 1.8 / 2.0) takes over only for a face
 turned far enough to shorten it (frontal faces: 0.73-0.80 of it). The outline (forehead point 10,
-chin 152) is where MediaPipe's landmarks are least sure: VIDEO-mode tracking moves them 2-5 px out
-over a GRID clip (a box 2-8% larger than IMAGE mode's on the same frames), and a talking jaw moves
-the chin, so a box from the outline made the run-time crop of one photo differ from the clip-median
-crop of training by up to 7% in size. With this rule frame 0's box is within 2% of its clip's
+chin 152) is where MediaPipe's landmarks are least sure: VIDEO-mode tracking moves them up to 5 px
+out over a GRID clip (a median face height 0-7% larger than IMAGE mode's on the same frames), and a
+talking jaw moves the chin, so a box from the outline made the run-time crop of one photo differ from
+the clip-median crop of training by up to 7% in size and 12 px in centre. With this rule frame 0's box is within 2% of its clip's
 (tests/test_face.py, all seven GRID clips).
 
 Where the square fits inside the image it is shifted inside rather than padded (the face moves
