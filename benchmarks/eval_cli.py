@@ -32,6 +32,8 @@ COLUMNS = (
     ("lip_lag_frames", "lag", "{:+d}"),
     ("drift_mean", "drift", "{:.3f}"),
     ("drift_slope_per_s", "drift/s", "{:+.4f}"),
+    ("color_flicker", "flicker", "{:.2f}"),
+    ("color_drift_mean", "col.drift", "{:.2f}"),
     ("psnr", "PSNR", "{:.2f}"),
     ("ssim", "SSIM", "{:.3f}"),
 )
@@ -81,7 +83,7 @@ def run(
         help="Ground-truth video for PSNR/SSIM (a folder when GENERATED is one; matched by file stem).",
     ),
     identity: Optional[Path] = typer.Option(
-        None, "--identity", help="Identity image for drift (default: each video's first frame)."
+        None, "--identity", help="Identity image for drift and colour drift (default: each video's first frame)."
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
     face: bool = typer.Option(True, "--face/--no-face", help="Run MediaPipe for blinks, lip-sync and the face box."),
@@ -90,7 +92,7 @@ def run(
     max_lag: int = typer.Option(3, help="Lip-sync lag search, frames each way."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
 ) -> None:
-    """Smoothness (OFM, F-MSE), blinks, lip-sync proxy, identity drift, and PSNR/SSIM vs a reference."""
+    """Smoothness (OFM, F-MSE), blinks, lip-sync proxy, identity and colour drift, colour flicker, PSNR/SSIM."""
     _setup_logging(verbose)
     config = EvalConfig(size=size or None, face=face, max_frames=max_frames, max_lag=max_lag)
     try:

@@ -2,7 +2,8 @@
 
 Per frame the pass collects: flow/MSE terms with the previous frame (OFM, F-MSE, and the authors'
 script variants), MediaPipe mouth opening and eye closure (lip-sync proxy, blinks), ``1 - SSIM`` to
-the identity frame inside the face box (drift), and PSNR/SSIM to a reference video where given.
+the identity frame inside the face box (drift), the frame's mean colour (colour flicker and colour
+drift), and PSNR/SSIM to a reference video where given.
 Frames are never all held in memory. The formulas live in :mod:`dheads.benchmarks.metrics`.
 
 Frames are resized to ``size x size`` (128, as the authors' ``smoothness_eval.py`` does) before
@@ -65,6 +66,8 @@ class _Signals:
     mouth: list[float] = field(default_factory=list)
     closure: list[float] = field(default_factory=list)
     drift: list[float] = field(default_factory=list)
+    color: list[np.ndarray] = field(default_factory=list)  # per-frame mean RGB [3]
+    color_identity: np.ndarray | None = None  # mean RGB of --identity; None: the first frame's
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
 
@@ -223,10 +226,12 @@ def _collect(path: Path, fps: float, reference: Path | None, identity: Path | No
             if i == 0:
                 box = _face_box(face, rgb.shape[:2], frame.shape[:2])
                 ident = load_identity(identity, frame.shape) if identity is not None else frame
+                sig.color_identity = M.mean_color(ident) if identity is not None else None
             _add_face(sig, face)
             if prev is not None:
                 _add_pair(sig, prev, frame, cfg.paper_script)
             sig.drift.append(M.drift_distance(frame, ident, box))
+            sig.color.append(M.mean_color(frame))
             ref = next(refs, None) if refs is not None else None
             if ref is not None:
                 _add_reference(sig, frame, ref)
@@ -295,6 +300,7 @@ def _summarize(path: Path, info, sig: _Signals, cfg: EvalConfig, has_reference: 
     row.update(_blink_metrics(sig, info.fps, cfg))
     row.update(_lip_metrics(path, info.has_audio, sig, info.fps, cfg))
     row.update(drift_mean=drift.mean, drift_slope_per_s=drift.slope_per_s, drift_per_second=list(drift.per_second))
+    row.update(M.color_summary(np.array(sig.color), info.fps, sig.color_identity).to_dict())
     row.update(psnr=_mean(sig.psnr) if has_reference else None, ssim=_mean(sig.ssim) if has_reference else None)
     return row
 
@@ -356,7 +362,8 @@ def evaluate_path(
 
 NUMERIC_KEYS = (
     "ofm", "fmse", "ofm_paper_script", "fmse_paper_script", "blinks_per_s", "blink_median_s",
-    "lip_corr", "drift_mean", "drift_slope_per_s", "psnr", "ssim",
+    "lip_corr", "drift_mean", "drift_slope_per_s", "color_flicker", "color_drift_mean", "color_drift_max",
+    "color_drift_slope_per_s", "psnr", "ssim",
 )
 
 

@@ -17,6 +17,12 @@ The authors' script differs from that text in two ways, reproduced by :func:`aut
 comparison with the paper's tables only: it averages a JET colour map of the per-pair min-max
 normalised magnitude (unitless, and 42.67 for a static video), and it squares ``uint8`` differences,
 which wrap around modulo 256.
+
+Global colour (the whole frame's mean RGB per frame, levels of 255; :func:`color_metrics`):
+
+* **colour flicker**: mean over consecutive pairs of the mean over R, G, B of ``|change of the mean|``.
+* **colour drift**: the same distance of each frame's mean colour from the identity frame's, as a mean,
+  a max, 1-s buckets and a slope per second.
 """
 
 from __future__ import annotations
@@ -359,3 +365,91 @@ def identity_drift(
             identity = frame
         distances.append(drift_distance(frame, identity, box))
     return drift_summary(np.array(distances), fps)
+
+
+# ----------------------------------------------------------------------------- global colour
+
+
+@dataclass(frozen=True)
+class ColorStats:
+    """Frame-to-frame colour flicker and colour drift from the identity frame, in levels of 255.
+
+    ``flicker``: mean over consecutive pairs of :func:`color_distance` of their mean colours.
+    ``drift_*``: :func:`color_distance` of each frame's mean colour from the identity's, summarised
+    like the SSIM drift (:func:`drift_summary`: mean, 1-s buckets, least-squares slope per second)
+    plus the max over frames.
+    """
+
+    flicker: float
+    drift_mean: float
+    drift_max: float
+    drift_slope_per_s: float
+    drift_per_second: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        """The ``color_*`` keys of ``dh-eval``'s JSON."""
+        return {
+            "color_flicker": self.flicker,
+            "color_drift_mean": self.drift_mean,
+            "color_drift_max": self.drift_max,
+            "color_drift_slope_per_s": self.drift_slope_per_s,
+            "color_drift_per_second": list(self.drift_per_second),
+        }
+
+
+def mean_color(frame: np.ndarray) -> np.ndarray:
+    """Mean colour of a frame over all its pixels: RGB ``[H, W, 3]`` -> ``float64 [3]`` (``[H, W]`` -> ``[1]``)."""
+    x = np.asarray(frame, dtype=np.float64)
+    return x.reshape(-1, x.shape[2] if x.ndim == 3 else 1).mean(axis=0)
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Distance of two mean colours ``[C]``: the mean over channels of ``|a - b|`` (levels of 255).
+
+    The mean absolute change per channel, so a shift of every channel by ``d`` is ``d`` and a shift
+    of one channel of three by ``d`` is ``d / 3``.
+    """
+    return float(np.mean(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def color_flicker(means: np.ndarray) -> float:
+    """Mean over consecutive pairs of :func:`color_distance` of per-frame mean colours ``[N, C]``; NaN for N < 2.
+
+    A video whose colour alternates between ``c + d`` and ``c - d`` scores ``2d``; a constant one 0.
+    """
+    m = np.asarray(means, dtype=np.float64)
+    if len(m) < 2:
+        return math.nan
+    return float(np.mean(np.abs(np.diff(m, axis=0)), axis=1).mean())
+
+
+def color_summary(means: np.ndarray, fps: float, identity: np.ndarray | None = None) -> ColorStats:
+    """:class:`ColorStats` of per-frame mean colours ``[N, C]`` at ``fps``.
+
+    ``identity``: the identity frame's mean colour ``[C]`` (default: the first frame's).
+    """
+    m = np.asarray(means, dtype=np.float64)
+    if len(m) == 0:
+        return ColorStats(math.nan, math.nan, math.nan, math.nan, ())
+    ref = m[0] if identity is None else np.asarray(identity, dtype=np.float64)
+    distances = np.mean(np.abs(m - ref), axis=1)
+    drift = drift_summary(distances, fps)
+    return ColorStats(
+        flicker=color_flicker(m),
+        drift_mean=drift.mean,
+        drift_max=float(distances.max()),
+        drift_slope_per_s=drift.slope_per_s,
+        drift_per_second=drift.per_second,
+    )
+
+
+def color_metrics(frames: Iterable[np.ndarray], fps: float = 25.0, *, identity: np.ndarray | None = None) -> ColorStats:
+    """Colour flicker and drift of frames in memory: uint8 ``[N, H, W, 3]`` (or an iterable of ``[H, W, 3]``).
+
+    For a training or eval script that has the frames and no video file. ``identity``: the identity
+    image ``[H', W', 3]`` (any size: only its mean colour counts; default: the first frame).
+    ``dh-eval`` measures the same on frames resized to 128x128, which moves a mean colour by
+    well under a level.
+    """
+    means = np.array([mean_color(f) for f in frames])
+    return color_summary(means, fps, None if identity is None else mean_color(identity))

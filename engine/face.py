@@ -5,16 +5,27 @@ per-clip crop) and evaluation (mouth opening, blinks). Landmarks are pixel coord
 ``(x, y)`` of MediaPipe's 478-point face mesh (468 mesh points + 10 iris points).
 
 Framing rule (``crop_box``), tuned on the GRID clips and the astronaut portrait to look like the
-CREMA-D / LRW crops the Diffused Heads authors trained on (whole head, hair, a bit of neck):
+CREMA-D / LRW crops the Diffused Heads authors trained on (whole head, hair, a bit of neck). It is
+measured on the inner face (eye corners, mouth corners), never on the mesh's outline:
 
-    extent = max(width, height) of the landmarks' bounding box   (forehead-to-chin, ear-to-ear)
-    side   = FRAME_SCALE * extent                                  (2.0: face ~half the frame)
-    centre = bounding-box centre, moved up by FRAME_LIFT * side    (0.05: room for the hair)
+    unit   = max(|outer eye corners|, MOUTH_UNIT * |eye midpoint -> mouth midpoint|)
+    side   = FRAME_SCALE * unit                                    (4.0: face ~half the frame)
+    centre = eye midpoint + FRAME_CENTRE * (mouth midpoint - eye midpoint)      (0.2)
+
+The eye-corner distance is the face-size unit of ``mouth_opening`` too: it does not grow when the
+jaw drops, and the eye-to-mouth term (FFHQ's alignment rule, 1.8 / 2.0) takes over only for a face
+turned far enough to shorten it (frontal faces: 0.73-0.80 of it). The outline (forehead point 10,
+chin 152) is where MediaPipe's landmarks are least sure: VIDEO-mode tracking moves them up to 5 px
+out over a GRID clip (a median face height 0-7% larger than IMAGE mode's on the same frames), and a
+talking jaw moves the chin, so a box from the outline made the run-time crop of one photo differ from
+the clip-median crop of training by up to 7% in size and 12 px in centre. With this rule frame 0's box is within 2% of its clip's
+(tests/test_face.py, all seven GRID clips).
 
 Where the square fits inside the image it is shifted inside rather than padded (the face moves
 off-centre by the overhang, which keeps real pixels); otherwise ``crop_and_resize`` pads.
-For a clip, the per-frame centre and extent are reduced by their median over frames: one box
-per clip, robust to a few bad detections, so the crop never jitters.
+For a clip, the per-frame centre and unit are reduced by their median over frames: one box
+per clip, robust to a few bad detections, so the crop never jitters. ``dh-run --crop auto`` and
+``dh-train prepare`` both call ``crop_box``: one rule for the photo and for the training clips.
 """
 
 from __future__ import annotations
@@ -34,8 +45,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 N_LANDMARKS = 478
-FRAME_SCALE = 2.0
-FRAME_LIFT = 0.05
+FRAME_SCALE = 4.0  # crop side, in face units (see the module docstring)
+FRAME_CENTRE = 0.2  # crop centre, this far from the eyes toward the mouth
+MOUTH_UNIT = 0.9  # eye-to-mouth distance x this bounds the face unit from below (turned faces)
 
 # Index sets of MediaPipe's canonical face mesh topology, as listed in
 # mediapipe/python/solutions/face_mesh_connections.py (FACEMESH_LIPS, FACEMESH_LEFT_EYE,
@@ -52,6 +64,7 @@ LEFT_EYE_EAR = (263, 387, 385, 362, 380, 373)
 RIGHT_EYE_EAR = (33, 160, 158, 133, 153, 144)
 INNER_LIP_TOP, INNER_LIP_BOTTOM = 13, 14  # mid-points of the inner lip contour
 LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 263, 33  # outer eye corners: the face-size unit
+MOUTH_LEFT, MOUTH_RIGHT = 291, 61  # mouth corners (on LIPS_OUTER)
 
 
 class FaceError(ValueError):
@@ -341,12 +354,14 @@ def track_landmarks(frames: Iterable[np.ndarray], landmarker: FaceLandmarker | N
     return np.stack(out) if out else np.zeros((0, N_LANDMARKS, 2), np.float32)
 
 
-def _frame_geometry(landmarks: np.ndarray) -> np.ndarray:
-    """Per-frame ``[T, 3]`` (centre x, centre y, extent) of landmark bounding boxes ``[T, 478, 2]``."""
-    lo, hi = landmarks.min(axis=1), landmarks.max(axis=1)
-    centre = 0.5 * (lo + hi)
-    extent = (hi - lo).max(axis=1, keepdims=True)
-    return np.concatenate([centre, extent], axis=1)
+def _frame_geometry(landmarks: np.ndarray, toward_mouth: float = FRAME_CENTRE) -> np.ndarray:
+    """Per-frame ``[T, 3]`` (centre x, centre y, face unit) of landmarks ``[T, 478, 2]``; see the module docstring."""
+    outer_l, outer_r = landmarks[:, LEFT_EYE_OUTER], landmarks[:, RIGHT_EYE_OUTER]
+    eyes = 0.5 * (outer_l + outer_r)
+    mouth = 0.5 * (landmarks[:, MOUTH_LEFT] + landmarks[:, MOUTH_RIGHT])
+    unit = np.maximum(np.linalg.norm(outer_l - outer_r, axis=1), MOUTH_UNIT * np.linalg.norm(mouth - eyes, axis=1))
+    centre = eyes + toward_mouth * (mouth - eyes)
+    return np.concatenate([centre, unit[:, None]], axis=1)
 
 
 def crop_box(
@@ -354,13 +369,13 @@ def crop_box(
     image_hw: tuple[int, int],
     *,
     scale: float = FRAME_SCALE,
-    lift: float = FRAME_LIFT,
+    toward_mouth: float = FRAME_CENTRE,
     fit_inside: bool = True,
 ) -> tuple[int, int, int]:
     """Square talking-head crop ``(x0, y0, size)`` from landmarks ``[478, 2]`` or a clip's ``[T, 478, 2]``.
 
-    See the module docstring for the rule. For a clip, the median over frames of the bounding
-    boxes' centre and extent gives one stable box; frames without a face (NaN) are ignored.
+    See the module docstring for the rule. For a clip, the median over frames of the centre and
+    the face unit gives one stable box; frames without a face (NaN) are ignored.
     ``fit_inside`` shifts the box into the image where it fits. The box may still extend past
     the image (then ``crop_and_resize`` pads).
     """
@@ -369,14 +384,16 @@ def crop_box(
         pts = pts[None]
     if pts.ndim != 3 or pts.shape[2] != 2:
         raise ValueError(f"landmarks must be [478, 2] or [T, 478, 2], got {tuple(pts.shape)}")
-    geom = _frame_geometry(pts)
+    if pts.shape[1] != N_LANDMARKS:
+        raise ValueError(f"landmarks must be MediaPipe's {N_LANDMARKS} points, got {pts.shape[1]}")
+    geom = _frame_geometry(pts, toward_mouth)
     geom = geom[np.isfinite(geom).all(axis=1)]
     if len(geom) == 0:
         raise FaceError("no face found in any frame")
-    cx, cy, extent = np.median(geom, axis=0)
-    size = max(2, int(round(scale * extent)))
+    cx, cy, unit = np.median(geom, axis=0)
+    size = max(2, int(round(scale * unit)))
     x0 = int(round(cx - size / 2))
-    y0 = int(round(cy - lift * size - size / 2))
+    y0 = int(round(cy - size / 2))
     if fit_inside:
         x0, y0 = _shift_inside(x0, y0, size, image_hw)
     return x0, y0, size

@@ -86,19 +86,30 @@ def frame_face(
     if crop == "none":
         box = center_square(rgb)
     else:
-        own = landmarker is None
-        lm = FaceLandmarker(max_faces=2) if own else landmarker
-        try:
-            face = single_face(detect_faces(lm, rgb), source)
-        finally:
-            if own:
-                lm.close()
-        box = crop_box(face.landmarks, rgb.shape[:2])
-        log.debug("face crop of %s: box %s", source, box)
+        box = face_box(rgb, landmarker=landmarker, source=source)
         if box[2] < size:
             log.warning("the face in %s is small (a %d px crop): the %d px identity frame is upscaled and "
                         "will look soft", source if source is not None else "the image", box[2], size)
     return crop_and_resize(rgb, box, size)
+
+
+def face_box(
+    rgb: np.ndarray, *, landmarker: FaceLandmarker | None = None, source: str | os.PathLike | None = None
+) -> tuple[int, int, int]:
+    """The ``--crop auto`` box ``(x0, y0, side)`` of the one face in RGB uint8 ``[H, W, 3]``.
+
+    ``face.crop_box`` of its landmarks: the rule ``dh-train prepare`` applies to a clip's median.
+    """
+    own = landmarker is None
+    lm = FaceLandmarker(max_faces=2) if own else landmarker
+    try:
+        face = single_face(detect_faces(lm, rgb), source)
+    finally:
+        if own:
+            lm.close()
+    box = crop_box(face.landmarks, rgb.shape[:2])
+    log.debug("face crop of %s: box %s", source, box)
+    return box
 
 
 def load_face(

@@ -257,6 +257,79 @@ def test_drift_uses_the_box_only():
     assert M.drift_distance(b, a) > 0.1
 
 
+# ----------------------------------------------------------------------------- global colour
+
+
+def _tinted(base: np.ndarray, offsets) -> list[np.ndarray]:
+    """``base`` (uint8, values 30..225) shifted by ``offsets[i]`` levels (all channels, or an RGB triple)."""
+    return [(base.astype(np.int16) + np.asarray(o, np.int16)).astype(np.uint8) for o in offsets]
+
+
+@pytest.fixture(scope="module")
+def face_like() -> np.ndarray:
+    return (smooth_texture()[:64, :96] * (195 / 255) + 30).astype(np.uint8)  # 30..225: room for +-30 levels
+
+
+def test_constant_video_has_zero_color_flicker_and_drift(face_like):
+    stats = M.color_metrics([face_like] * 60, FPS)
+    assert stats.flicker == 0.0 and stats.drift_mean == 0.0 and stats.drift_max == 0.0
+    assert stats.drift_per_second == (0.0, 0.0, 0.0) and stats.drift_slope_per_s == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 7, 28])
+def test_alternating_color_flickers_2d(face_like, d):
+    """Colour c+d, c-d, c+d, ...: every pair changes by 2d on each channel; drift from frame 0 is 0, 2d, 0, ..."""
+    stats = M.color_metrics(_tinted(face_like, [d if i % 2 == 0 else -d for i in range(50)]), FPS)
+    assert stats.flicker == pytest.approx(2 * d, abs=1e-9)
+    assert stats.drift_max == pytest.approx(2 * d, abs=1e-9) and stats.drift_mean == pytest.approx(d, abs=1e-9)
+
+
+def test_color_distance_is_the_mean_over_channels(face_like):
+    """A change of one channel of three by d counts d / 3; opposite changes do not cancel."""
+    stats = M.color_metrics(_tinted(face_like, [(0, 0, 0), (9, 0, 0), (9, -6, 6)]), FPS)
+    assert stats.flicker == pytest.approx((9 / 3 + 12 / 3) / 2, abs=1e-9)
+    assert M.color_distance(np.array([1.0, 2.0, 3.0]), np.array([4.0, 2.0, 0.0])) == 2.0
+
+
+def test_color_ramp_gives_the_exact_slope(face_like):
+    """The colour rises 1 level a frame for 3 s at 25 fps: slope 25 levels/s, buckets the means of 0..24 etc."""
+    stats = M.color_metrics(np.stack(_tinted(face_like // 2, range(75))), FPS)  # one uint8 [N, H, W, 3] array
+    assert stats.flicker == pytest.approx(1.0, abs=1e-9)
+    assert stats.drift_slope_per_s == pytest.approx(25.0, rel=1e-9)
+    assert stats.drift_per_second == pytest.approx((12.0, 37.0, 62.0), abs=1e-9)
+    assert stats.drift_max == pytest.approx(74.0, abs=1e-9) and stats.drift_mean == pytest.approx(37.0, abs=1e-9)
+
+
+def test_color_drift_against_an_identity_image(face_like):
+    """With an identity image, drift is measured from its mean colour (any size), not from frame 0."""
+    identity = cv2.resize(_tinted(face_like, [-20])[0], (200, 130), interpolation=cv2.INTER_NEAREST)
+    stats = M.color_metrics([face_like] * 30, FPS, identity=identity)
+    assert stats.flicker == 0.0
+    assert stats.drift_mean == pytest.approx(M.color_distance(M.mean_color(face_like), M.mean_color(identity)))
+    assert stats.drift_mean == pytest.approx(20.0, abs=0.5)
+    assert set(stats.to_dict()) == {"color_flicker", "color_drift_mean", "color_drift_max",
+                                    "color_drift_slope_per_s", "color_drift_per_second"}
+
+
+def test_color_metrics_of_a_single_frame_or_none():
+    one = M.color_metrics([np.zeros((4, 4, 3), np.uint8)], FPS)
+    assert math.isnan(one.flicker) and one.drift_mean == 0.0
+    empty = M.color_metrics([], FPS)
+    assert math.isnan(empty.flicker) and math.isnan(empty.drift_mean) and empty.drift_per_second == ()
+
+
+def test_real_grid_video_barely_flickers(shared_data):
+    """Real video: colour flicker 0.07-0.10 levels on the GRID clips at 128x128 (measured), against
+    25-31 for the demo model's flickering output."""
+    from dheads.engine.video import read_frames
+
+    for path in sorted((shared_data / "grid").glob("*.mpg")):
+        frames = [cv2.resize(f, (128, 128), interpolation=cv2.INTER_LINEAR) for f in read_frames(path)]
+        stats = M.color_metrics(frames, FPS)
+        assert 0.05 < stats.flicker < 0.15, (path.name, stats)
+        assert stats.drift_max < 2.0, (path.name, stats)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -285,6 +358,7 @@ EXPECTED_KEYS = {
     "name", "path", "fps", "n_frames", "duration_s", "ofm", "fmse", "ofm_paper_script", "fmse_paper_script",
     "face_fraction", "blinks_per_s", "blink_count", "blink_median_s", "lip_corr", "lip_lag_frames",
     "drift_mean", "drift_slope_per_s", "drift_per_second", "psnr", "ssim",
+    "color_flicker", "color_drift_mean", "color_drift_max", "color_drift_slope_per_s", "color_drift_per_second",
 }
 
 
@@ -331,3 +405,28 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, runner, kind):
     assert result.exit_code == 2
     message = result.stderr.strip()
     assert message.startswith("dh-eval: error:") and "\n" not in message and "Traceback" not in result.output
+
+
+def test_cli_reports_color_flicker_and_drift(tmp_path, runner):
+    """A video whose colour swings by +-20 levels (the demo model's failure, in miniature) through H.264,
+    and an identity image 30 levels darker than its first frame: the JSON values are the in-memory
+    function's on the decoded 128x128 frames, the table shows them."""
+    from dheads.benchmarks.eval_cli import app
+    from dheads.engine.video import read_frames
+
+    base = (smooth_texture(128, 128) * (150 / 255) + 50).astype(np.uint8)
+    video = write_h264(tmp_path / "flicker.mp4", _tinted(base, [20 if i % 2 else -20 for i in range(30)]))
+    identity = tmp_path / "identity.png"
+    cv2.imwrite(str(identity), cv2.cvtColor(_tinted(base, [-50])[0], cv2.COLOR_RGB2BGR))
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, [str(video), "--no-face", "--identity", str(identity), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["videos"][0]
+    decoded = list(read_frames(video))
+    expected = M.color_metrics(decoded, FPS, identity=cv2.resize(_tinted(base, [-50])[0], (128, 128))).to_dict()
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, abs=1e-9), key
+    assert row["color_flicker"] == pytest.approx(40, abs=2)  # H.264 moves a mean colour by about a level
+    assert row["color_drift_mean"] == pytest.approx(50, abs=2) and row["color_drift_max"] == pytest.approx(70, abs=2)
+    assert "flicker" in result.stdout and "col.drift" in result.stdout
+    assert f"{row['color_flicker']:.2f}" in result.stdout
