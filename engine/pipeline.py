@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, check_silence, load_audio
+from .audio import AudioError, check_max_seconds, check_silence, load_audio
 from .backends.base import BackendError, Denoiser
 from .config import SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
 from .noise import NoiseFn, PerStreamNoise
-from .video import MP4Writer
+from .video import MP4Writer, check_output
 
 log = logging.getLogger(__name__)
 MAX_LOOPS = 4
@@ -117,6 +117,7 @@ class TalkingHead:
 
         Silent audio (of what is used, after ``max_seconds``) is an AudioError unless ``allow_silence``.
         """
+        check_max_seconds(max_seconds)
         size = self.info.model.image_size
         identity = load_face(face, frame=frame, crop=crop, size=size)
         samples, rate = load_audio(audio, silence="ignore")
@@ -173,6 +174,8 @@ class TalkingHead:
         outs = [Path(j.out).resolve() for j in jobs]
         if not jobs or len(set(outs)) != len(outs):
             raise ValueError("render_batch needs at least one job and a different output path for each")
+        for j in jobs:
+            check_output(j.out, inputs=(j.face, j.audio))
         inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
                                allow_silence=allow_silence) for j in jobs]
         seeds = [seed if j.seed is None else j.seed for j in jobs]
