@@ -97,14 +97,23 @@ class TalkingHead:
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
              precision: str = "fp32", audio_encoder: str | Path | None = None) -> TalkingHead:
-        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model)."""
+        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model).
+
+        A bundle that holds an exported audio encoder (``audio_encoder.onnx``) runs on it unless
+        ``audio_encoder`` names another file; otherwise the encoder comes from ``load_encoder``.
+        """
         from .backends import open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
         dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
         denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision)
-        encoder = load_encoder(info.audio, audio_encoder)
+        encoder = None
+        if audio_encoder is None and info.manifest is not None:  # a bundle runs on the encoder it carries
+            from .encoders.sda_onnx import bundled_encoder
+
+            encoder = bundled_encoder(info.manifest, path if path.is_dir() else path.parent)
+        encoder = encoder or load_encoder(info.audio, audio_encoder)
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
