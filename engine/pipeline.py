@@ -10,6 +10,7 @@ import contextlib
 import importlib.resources
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,7 +93,8 @@ class TalkingHead:
 
     def __init__(self, denoiser: Denoiser, info, encoder):
         self.denoiser, self.info, self.encoder = denoiser, info, encoder
-        self._loops: dict[LoopConfig, FrameLoop] = {}
+        self._loops: dict[LoopConfig, FrameLoop] = {}  # idle loops, least recently used first
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
@@ -144,14 +146,25 @@ class TalkingHead:
         for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
             yield imgs[0]
 
-    def _loop(self, cfg: LoopConfig) -> FrameLoop:
-        """One FrameLoop per (sampler, batch, graph) config, kept across calls with its CUDA graph
-        (the last ``MAX_LOOPS`` configs used: each holds its buffers and graph memory)."""
-        loop = self._loops.pop(cfg, None) or FrameLoop(self.denoiser, cfg)
-        self._loops[cfg] = loop  # most recently used last
-        while len(self._loops) > MAX_LOOPS:
-            del self._loops[next(iter(self._loops))]
-        return loop
+    @contextlib.contextmanager
+    def _checkout(self, cfg: LoopConfig) -> Iterator[FrameLoop]:
+        """A FrameLoop for ``cfg`` that no other stream holds, for the life of one stream.
+
+        Loops (their buffers and CUDA graph) are reused across calls, but a loop is taken out of the cache
+        while a stream runs: two generators interleaved on one head each get their own
+        state and give the frames each would give alone. Returned after use; the ``MAX_LOOPS`` most
+        recently used are kept.
+        """
+        with self._lock:
+            loop = self._loops.pop(cfg, None)
+        loop = loop or FrameLoop(self.denoiser, cfg)
+        try:
+            yield loop
+        finally:
+            with self._lock:
+                self._loops.setdefault(cfg, loop)  # most recently used last
+                while len(self._loops) > MAX_LOOPS:
+                    del self._loops[next(iter(self._loops))]
 
     def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig = SamplerConfig(),
                      seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
@@ -167,9 +180,10 @@ class TalkingHead:
         if noise is None:
             noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev)
         identity = torch.cat([x.identity for x in inputs]).to(dev)
-        for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg, noise=noise,
-                                 loop=self._loop(cfg)):
-            yield to_uint8_frames(x)
+        with self._checkout(cfg) as loop:
+            for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,
+                                     noise=noise, loop=loop):
+                yield to_uint8_frames(x)
 
     def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
                      crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
