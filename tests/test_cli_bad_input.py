@@ -237,7 +237,7 @@ def test_truncated_png_prints_no_native_libpng_line(inputs):
     """libpng writes "libpng error: ..." to file descriptor 2 itself; CliRunner cannot see that, a process can."""
     code = ("import sys\nfrom dheads.engine.image import ImageError, read_rgb\n"
             f"try:\n    read_rgb({str(inputs / 'truncated.png')!r})\nexcept ImageError as e:\n    print(e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"cannot read image {inputs / 'truncated.png'} (corrupt or unsupported format)"
     assert proc.stderr == ""
