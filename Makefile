@@ -5,17 +5,24 @@ BIN := $(VENV)/bin
 
 .PHONY: venv test gpu-check clean
 
-$(BIN)/dh-run: pyproject.toml
-	$(PY) -m venv $(VENV)
+# The environment is complete when this stamp exists: it is written only after the dev install, so a
+# .venv made another way (the README's quickstart installs `.` without the dev extras) still gets them.
+STAMP := $(VENV)/.dheads-dev-installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of exactly this torch is on every dev/CI machine; any other spec downloads CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-venv: $(BIN)/dh-run
+venv: $(STAMP)
 
+# The stamp may outlive what it vouches for (pytest uninstalled by hand): reinstall when pytest or the
+# editable package does not import.
 test: venv
+	@$(BIN)/python -c "import pytest, dheads.engine" 2>/dev/null || { rm -f $(STAMP); $(MAKE) venv; }
 	$(BIN)/python -m pytest -q
 
 # On a GPU machine: the GPU and TensorRT tests, then the full-size benchmark into

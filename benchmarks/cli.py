@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from dheads.engine.backends import BACKENDS, BackendError
+from dheads.engine.cli_errors import OneLineErrors
 
 from .bench import MODELS, BenchConfig, markdown_table, run_bench, write_results
 
@@ -22,7 +23,7 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 def bench(
     model: str = typer.Option("small", help=f"Model config with random weights: {' | '.join(MODELS)}."),
     backends: str = typer.Option("pytorch", help="Comma list: pytorch,onnxruntime,tensorrt."),
@@ -42,6 +43,9 @@ def bench(
     logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
     if model not in MODELS:
         raise typer.BadParameter(f"choose one of {sorted(MODELS)}", param_hint="--model")
+    for value, hint in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch"), (repeats, "--repeats")):
+        if value < 1:
+            raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=hint)
     for value, allowed, hint in ((backends, BACKENDS, "--backends"), (precisions, ("fp32", "fp16"), "--precisions")):
         unknown = [v for v in _csv(value) if v not in allowed]
         if unknown or not _csv(value):

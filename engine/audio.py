@@ -15,6 +15,7 @@ Frame counting follows the authors' windowing (see :func:`num_frames`): one audi
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def load_audio(
     mono = _to_mono(data)
     if mono.size == 0:
         raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
+    _check_finite(path, mono)
     samples = _resample(mono, rate, sample_rate)
     _check_length(path, samples, sample_rate, fps)
     check_silence(path, samples, silence)
@@ -150,6 +152,20 @@ def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return samples.astype(np.float32, copy=False)
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def _check_finite(path: Path, samples: np.ndarray) -> None:
+    """NaN or infinite samples are a corrupt file (float wav): refused, not called silent or encoded."""
+    bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
+    if bad:
+        raise AudioError(f"{path}: {bad} of {samples.size} samples are NaN or infinite (a corrupt float file); "
+                         "re-encode it or give another file")
+
+
+def check_max_seconds(max_seconds: float | None) -> None:
+    """``--max-seconds`` must be a finite number of seconds above zero (AudioError otherwise)."""
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise AudioError(f"--max-seconds must be a positive number of seconds, got {max_seconds}")
 
 
 def _check_length(path: Path, samples: np.ndarray, sample_rate: int, fps: int) -> None:

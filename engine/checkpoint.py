@@ -118,15 +118,22 @@ def _from_dheads(path: Path, obj: Mapping[str, Any]) -> Checkpoint:
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: dheads checkpoint version {obj['version']} is newer than this "
                               f"package understands ({VERSION}); upgrade diffused-heads")
-    return Checkpoint(
-        model=ModelConfig.from_dict(obj["model_config"]),
-        state_dict=obj["state_dict"],
-        audio=AudioConfig.from_dict(obj["audio_config"]),
-        diffusion=DiffusionConfig.from_dict(obj["diffusion_config"]),
-        ema_state_dict=obj.get("ema_state_dict"),
-        source="dheads",
-        meta=dict(obj.get("meta") or {}),
-    )
+    missing = [k for k in ("model_config", "state_dict", "audio_config", "diffusion_config") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: dheads checkpoint is missing {', '.join(missing)} (damaged or edited); "
+                              "save it again with save_checkpoint")
+    try:
+        return Checkpoint(
+            model=ModelConfig.from_dict(obj["model_config"]),
+            state_dict=obj["state_dict"],
+            audio=AudioConfig.from_dict(obj["audio_config"]),
+            diffusion=DiffusionConfig.from_dict(obj["diffusion_config"]),
+            ema_state_dict=obj.get("ema_state_dict"),
+            source="dheads",
+            meta=dict(obj.get("meta") or {}),
+        )
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: dheads checkpoint has a malformed config ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_errors import OneLineErrors
 from .config import SamplerConfig
-from .errors import USER_ERRORS
 
 log = logging.getLogger("dheads.run")
 err = Console(stderr=True)
@@ -31,7 +32,42 @@ def _summary(stats, out: Path) -> None:
     err.print(t)
 
 
-@app.command()
+def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, crop: str,
+                 max_seconds: float | None, frame: int) -> None:
+    """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
+    if crop not in ("auto", "none"):
+        raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
+    if steps is not None and steps < 1:
+        raise typer.BadParameter(f"must be at least 1, got {steps}", param_hint="--steps")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise typer.BadParameter(f"must be a number >= 0, got {eta}", param_hint="--eta")
+    if sampler is not None:
+        try:
+            SamplerConfig(name=sampler, steps=steps or 1, eta=eta)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--sampler") from None
+    if not 0 <= seed < 2**64:
+        raise typer.BadParameter(f"must be in 0..2**64-1, got {seed}", param_hint="--seed")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise typer.BadParameter(f"must be a positive number of seconds, got {max_seconds}",
+                                 param_hint="--max-seconds")
+    if frame < 0:
+        raise typer.BadParameter(f"must be >= 0, got {frame}", param_hint="--frame")
+
+
+def _sampler_config(sampler: str | None, steps: int | None, eta: float, diffusion) -> SamplerConfig:
+    """The engine's defaults where a flag is not given; ``--steps`` must fit the model's timesteps."""
+    steps = diffusion.sampling_steps if steps is None else steps
+    if steps > diffusion.num_timesteps:
+        raise typer.BadParameter(f"must be at most {diffusion.num_timesteps} (the model's diffusion timesteps), "
+                                 f"got {steps}", param_hint="--steps")
+    try:
+        return SamplerConfig(name=sampler or diffusion.sampler, steps=steps, eta=eta)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--sampler/--steps") from None
+
+
+@app.command(cls=OneLineErrors)
 def run(
     face: Path = typer.Argument(..., help="Photo or video of one face (video: first frame, or --frame K)."),
     audio: Path = typer.Argument(..., help="Speech: wav, flac, mp3, ogg, m4a, or a video's audio track."),
@@ -55,25 +91,23 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame)
+    from .errors import USER_ERRORS
     from .pipeline import TalkingHead
+    from .video import check_output
 
-    if crop not in ("auto", "none"):
-        raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
     try:
         if not face.exists():
             raise FileNotFoundError(f"no such file: {face}")
         if not audio.exists():
             raise FileNotFoundError(f"no such file: {audio}")
+        check_output(output, inputs=(face, audio))
         head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
                                 audio_encoder=audio_encoder)
-        d = head.info.diffusion
-        try:
-            cfg = SamplerConfig(name=sampler or d.sampler, steps=steps or d.sampling_steps, eta=eta)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--sampler/--steps") from None
+        cfg = _sampler_config(sampler, steps, eta, head.info.diffusion)
         with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
-                      TimeRemainingColumn(), console=err, transient=True) as bar:
+                      TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("frames", total=None, fps=0.0)
 
             def on_frame(done: int, total: int) -> None:
@@ -86,11 +120,15 @@ def run(
     except USER_ERRORS as e:
         err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # a disk that fills up, an output folder that cannot be made, ...
+        err.print(f"dh-run: error: {e.filename or output}: {e.strerror or e}", markup=False, highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(2) from None
     _summary(stats, output)
 
 
 def main() -> None:
-    app(prog_name="dh-run")
+    app(prog_name="dh-run")  # OneLineErrors exits: 0, 2 (bad input), 128 + signal (interrupted)
 
 
 if __name__ == "__main__":

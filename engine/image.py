@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from .face import FaceLandmarker, crop_and_resize, crop_box, detect_faces, single_face
-from .video import read_frame
+from .face import FaceLandmarker, crop_and_resize, crop_box, detect_faces, quiet_native_stderr, single_face
+from .video import NoVideoStream, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,19 @@ def read_rgb(path: str | os.PathLike, *, frame: int = 0) -> np.ndarray:
     that cannot be read or has no frame ``frame`` (both are ``ValueError``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory; give a photo or a video of one face")
     if not path.is_file():
         raise ImageError(f"no such file: {path}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return read_frame(path, frame)
+        try:
+            return read_frame(path, frame)
+        except NoVideoStream:  # a wav given as FACE, say
+            raise ImageError(f"cannot read image {path} (it holds no picture or video stream)") from None
     if frame != 0:
         raise ImageError(f"frame={frame} given but {path} is a still image")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    with quiet_native_stderr():  # libpng/libjpeg print their own "libpng error: ..." line on fd 2
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageError(f"cannot read image {path} (corrupt or unsupported format)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -10,6 +10,7 @@ import contextlib
 import importlib.resources
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, check_silence, load_audio
+from .audio import AudioError, check_max_seconds, check_silence, load_audio
 from .backends.base import BackendError, Denoiser
 from .config import SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
 from .noise import NoiseFn, PerStreamNoise
-from .video import MP4Writer
+from .video import MP4Writer, check_output
 
 log = logging.getLogger(__name__)
 MAX_LOOPS = 4
@@ -92,19 +93,29 @@ class TalkingHead:
 
     def __init__(self, denoiser: Denoiser, info, encoder):
         self.denoiser, self.info, self.encoder = denoiser, info, encoder
-        self._loops: dict[LoopConfig, FrameLoop] = {}
+        self._loops: dict[LoopConfig, FrameLoop] = {}  # idle loops, least recently used first
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
              precision: str = "fp32", audio_encoder: str | Path | None = None) -> TalkingHead:
-        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model)."""
+        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model).
+
+        A bundle that holds an exported audio encoder (``audio_encoder.onnx``) runs on it unless
+        ``audio_encoder`` names another file; otherwise the encoder comes from ``load_encoder``.
+        """
         from .backends import open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
         dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
         denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision)
-        encoder = load_encoder(info.audio, audio_encoder)
+        encoder = None
+        if audio_encoder is None and info.manifest is not None:  # a bundle runs on the encoder it carries
+            from .encoders.sda_onnx import bundled_encoder
+
+            encoder = bundled_encoder(info.manifest, path if path.is_dir() else path.parent)
+        encoder = encoder or load_encoder(info.audio, audio_encoder)
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
@@ -117,6 +128,7 @@ class TalkingHead:
 
         Silent audio (of what is used, after ``max_seconds``) is an AudioError unless ``allow_silence``.
         """
+        check_max_seconds(max_seconds)
         size = self.info.model.image_size
         identity = load_face(face, frame=frame, crop=crop, size=size)
         samples, rate = load_audio(audio, silence="ignore")
@@ -134,14 +146,25 @@ class TalkingHead:
         for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
             yield imgs[0]
 
-    def _loop(self, cfg: LoopConfig) -> FrameLoop:
-        """One FrameLoop per (sampler, batch, graph) config, kept across calls with its CUDA graph
-        (the last ``MAX_LOOPS`` configs used: each holds its buffers and graph memory)."""
-        loop = self._loops.pop(cfg, None) or FrameLoop(self.denoiser, cfg)
-        self._loops[cfg] = loop  # most recently used last
-        while len(self._loops) > MAX_LOOPS:
-            del self._loops[next(iter(self._loops))]
-        return loop
+    @contextlib.contextmanager
+    def _checkout(self, cfg: LoopConfig) -> Iterator[FrameLoop]:
+        """A FrameLoop for ``cfg`` that no other stream holds, for the life of one stream.
+
+        Loops (their buffers and CUDA graph) are reused across calls, but a loop is taken out of the cache
+        while a stream runs: two generators interleaved on one head each get their own
+        state and give the frames each would give alone. Returned after use; the ``MAX_LOOPS`` most
+        recently used are kept.
+        """
+        with self._lock:
+            loop = self._loops.pop(cfg, None)
+        loop = loop or FrameLoop(self.denoiser, cfg)
+        try:
+            yield loop
+        finally:
+            with self._lock:
+                self._loops.setdefault(cfg, loop)  # most recently used last
+                while len(self._loops) > MAX_LOOPS:
+                    del self._loops[next(iter(self._loops))]
 
     def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig = SamplerConfig(),
                      seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
@@ -157,9 +180,10 @@ class TalkingHead:
         if noise is None:
             noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev)
         identity = torch.cat([x.identity for x in inputs]).to(dev)
-        for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg, noise=noise,
-                                 loop=self._loop(cfg)):
-            yield to_uint8_frames(x)
+        with self._checkout(cfg) as loop:
+            for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,
+                                     noise=noise, loop=loop):
+                yield to_uint8_frames(x)
 
     def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
                      crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
@@ -173,6 +197,8 @@ class TalkingHead:
         outs = [Path(j.out).resolve() for j in jobs]
         if not jobs or len(set(outs)) != len(outs):
             raise ValueError("render_batch needs at least one job and a different output path for each")
+        for j in jobs:
+            check_output(j.out, inputs=(j.face, j.audio))
         inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
                                allow_silence=allow_silence) for j in jobs]
         seeds = [seed if j.seed is None else j.seed for j in jobs]

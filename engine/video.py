@@ -39,6 +39,47 @@ class VideoError(ValueError):
     """A video that cannot be read or written; the message is one line naming the file."""
 
 
+class NoVideoStream(VideoError):
+    """The file opens as a container but holds no video stream (an audio file, say)."""
+
+
+# The hidden temporary name MP4Writer writes first: "." + name + "." + 8 random characters + ".part".
+PART_NAME_EXTRA = len(".") + len(".") + 8 + len(".part")
+
+
+def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output path the writer could not use, or one that would overwrite an input (VideoError).
+
+    Checked before any work: the path is not a directory nor one of ``inputs``, its nearest existing
+    ancestor is a directory (not a file), and its name leaves room for the temporary ``.part`` name.
+    """
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise VideoError(f"output {path}: {parent} is a file, not a directory")
+    limit = _name_max(parent)
+    if len(os.fsencode(path.name)) + PART_NAME_EXTRA > limit:
+        raise VideoError(f"output file name is too long ({len(os.fsencode(path.name))} bytes; at most "
+                         f"{limit - PART_NAME_EXTRA} here, room is needed for the temporary .part name)")
+    if path.is_dir():
+        raise VideoError(f"output {path} is a directory; give a file name such as {path / 'out.mp4'}")
+    for src in inputs:
+        same = path.exists() and Path(src).exists() and os.path.samefile(src, path)
+        if same or path.resolve() == Path(src).resolve():
+            raise VideoError(f"output {path} is the input {src}; writing it would destroy the input, "
+                             "choose another output path")
+    return path
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What ``probe`` reads from a container.
@@ -74,7 +115,7 @@ def _reason(e: BaseException) -> str:
 
 def _video_stream(container: av.container.InputContainer, path: str | os.PathLike) -> av.VideoStream:
     if not container.streams.video:
-        raise VideoError(f"no video stream in {path}")
+        raise NoVideoStream(f"no video stream in {path}")
     return container.streams.video[0]
 
 

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dheads.engine.backends.base import BatchProfile
+from dheads.engine.cli_errors import OneLineErrors
 
 from .errors import FAILURES, USER_ERRORS
 
@@ -76,7 +77,7 @@ def _summary(result) -> None:
         out.print("no unet.plan: TensorRT or a CUDA GPU was not available (run dh-export again on the GPU machine)")
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint: ours, the authors' crema_script.pt, or Lightning."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle directory "

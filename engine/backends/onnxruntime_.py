@@ -93,6 +93,17 @@ class OrtDenoiser:
         if sorted(got_in) != sorted(UNET_INPUTS) or got_out != list(UNET_OUTPUTS):
             raise BackendError(f"{self.path}: inputs {got_in} / outputs {got_out} are not the UNet's "
                                f"{list(UNET_INPUTS)} / {list(UNET_OUTPUTS)}; re-export with dh-export")
+        # The manifest's model config must describe this graph: a fixed dim that disagrees would fail
+        # only at the first run, as ONNX Runtime's InvalidArgument.
+        want = {spec.name: spec for spec in (*self.inputs, *self.outputs)}
+        for arg in (*self.session.get_inputs(), *self.session.get_outputs()):
+            expected = want[arg.name].shape
+            got = tuple(arg.shape)
+            if len(got) != len(expected) or any(isinstance(g, int) and e >= 0 and g != e
+                                                for g, e in zip(got, expected)):
+                raise BackendError(f"{self.path}: {arg.name} has shape {list(got)} but the manifest's model config "
+                                   f"gives {list(expected)}; the manifest does not describe this ONNX, re-export "
+                                   "with dh-export")
 
     def _feeds(self, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         b = args[0].shape[0]

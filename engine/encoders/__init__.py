@@ -91,7 +91,8 @@ def _load_sda(config: AudioConfig, path: str | Path | None) -> AudioEncoder:
     if path is None:
         raise EncoderError(
             "this model uses the SDA audio encoder, which needs the released audio_encoder.pt; "
-            "pass it with --audio-encoder (dh-run) or load_encoder(config, path)"
+            "pass it with --audio-encoder (dh-run) or load_encoder(config, path), or run a bundle exported "
+            "with dh-export --audio-encoder (it carries the encoder)"
         )
     if not Path(path).is_file():
         raise EncoderError(f"{path}: SDA weights file not found; pass the released audio_encoder.pt")

@@ -1,0 +1,71 @@
+"""What every ``dh-*`` command shares: bad flags and interrupts end in one line on stderr, never a traceback.
+
+``@app.command(cls=OneLineErrors)`` makes a Typer command:
+
+* print a usage error (an unknown option, ``--steps abc``, a ``typer.BadParameter``) as
+  ``<prog>: error: <message>`` and exit 2, instead of Typer's multi-line usage box;
+* turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`, which unwinds like any exception (so the
+  atomic writers drop their ``.part`` files), then print ``<prog>: error: interrupted by SIGTERM`` and
+  exit ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from typer import Abort, BadParameter
+from typer.core import TyperCommand
+
+# typer >= 0.2x carries its own copy of click, whose exceptions are not the click package's: take the
+# usage-error base class from typer's own BadParameter, whichever click that is.
+UsageError = next(c for c in BadParameter.__mro__ if c.__name__ == "UsageError")
+
+SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived. A BaseException (as KeyboardInterrupt): ``except Exception`` does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _on_signal(signum, _frame) -> None:
+    for s in SIGNALS:  # one is enough: a second one must not interrupt the clean-up the first started
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(TyperCommand):
+    """A TyperCommand whose usage errors and interrupts are one line on stderr (see the module doc)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        prog = prog_name or self.name or "dh"
+        saved = None
+        if threading.current_thread() is threading.main_thread():
+            saved = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except UsageError as e:  # BadParameter, NoSuchOption, MissingParameter, ...
+            sys.stderr.write(f"{prog}: error: {one_line(e.format_message())}\n")
+            code = 2
+        except Interrupted as e:
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            code = 128 + e.signum
+        except (KeyboardInterrupt, Abort):
+            sys.stderr.write(f"{prog}: error: interrupted by SIGINT\n")
+            code = 130
+        finally:
+            if saved:
+                for s, handler in saved.items():
+                    signal.signal(s, handler)
+        sys.stderr.flush()
+        sys.exit(code)
