@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import SamplerConfig
-from .errors import USER_ERRORS
 
+T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)
 log = logging.getLogger("dheads.run")
+progress_log = logging.getLogger("dheads.run.progress")  # logged without -v: the only sign of life in a log file
+PROGRESS_EVERY_S = 10.0
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, help="Generate a talking-head video from one face image and speech.")
 
 
-def _summary(stats, out: Path) -> None:
+def _summary(stats, out: Path, open_s: float) -> None:
     t = Table(title=f"wrote {out}", show_header=False)
     t.add_row("frames", f"{stats.frames} ({stats.seconds_of_video:.2f} s of video at 25 fps)")
     t.add_row("total time", f"{stats.total_s:.2f} s")
     t.add_row("first frame", f"{stats.first_frame_s * 1000:.1f} ms")
+    t.add_row("time to first frame", f"{stats.first_frame_at - T_START:.2f} s from start-up (engine "
+                                      f"{open_s:.2f} s, face + audio {stats.prepare_s:.2f} s)")
     t.add_row("per frame (median)", f"{stats.median_frame_s * 1000:.1f} ms")
     t.add_row("frames per second", f"{stats.fps:.2f}")
     t.add_row("real-time factor", f"{stats.real_time_factor:.2f} (compute s / video s)")
@@ -52,11 +57,21 @@ def run(
                                                    "refusing it."),
     audio_encoder: Optional[Path] = typer.Option(None, help="The authors' audio_encoder.pt, for SDA models."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph (GPU)."),
+    threads: int = typer.Option(0, help="CPU threads for the engine running the UNet (0 = auto: OMP_NUM_THREADS, "
+                                        "else the cores the load average leaves free); torch gets 1 unless it "
+                                        "runs the UNet."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import USER_ERRORS
     from .pipeline import TalkingHead
+    from .threads import parse_threads
 
+    try:
+        n_threads = parse_threads(threads)
+    except ValueError as e:
+        err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
     try:
@@ -64,29 +79,47 @@ def run(
             raise FileNotFoundError(f"no such file: {face}")
         if not audio.exists():
             raise FileNotFoundError(f"no such file: {audio}")
+        t_open = time.perf_counter()
         head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
-                                audio_encoder=audio_encoder)
+                                audio_encoder=audio_encoder, threads=n_threads)
+        open_s = time.perf_counter() - t_open
         d = head.info.diffusion
         try:
             cfg = SamplerConfig(name=sampler or d.sampler, steps=steps or d.sampling_steps, eta=eta)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--sampler/--steps") from None
-        with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
-                      TimeRemainingColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("frames", total=None, fps=0.0)
-
-            def on_frame(done: int, total: int) -> None:
-                elapsed = bar.tasks[0].elapsed or 1e-9
-                bar.update(task, completed=done, total=total, fps=done / elapsed)
-
+        with _progress() as on_frame:
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
                                 max_seconds=max_seconds, allow_silence=allow_silence, cuda_graph=cuda_graph,
                                 on_frame=on_frame)
     except USER_ERRORS as e:
         err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    _summary(stats, output)
+    _summary(stats, output, open_s)
+
+
+@contextlib.contextmanager
+def _progress():
+    """``on_frame(done, total)``: a bar on a terminal, else a log line every ``PROGRESS_EVERY_S`` seconds."""
+    if not err.is_terminal:
+        from .progress import ProgressLog
+
+        progress_log.setLevel(logging.INFO)
+        yield ProgressLog(progress_log, "frames", every_s=PROGRESS_EVERY_S).update
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("frames", total=None, fps=0.0)
+
+        def on_frame(done: int, total: int) -> None:
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, completed=done, total=total, fps=done / elapsed)
+
+        yield on_frame
 
 
 def main() -> None:

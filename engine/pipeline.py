@@ -7,6 +7,7 @@ an mp4 atomically; ``.stream(face, audio)`` yields uint8 frames as they are made
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import statistics
@@ -44,6 +45,8 @@ class RunStats:
     total_s: float
     first_frame_s: float
     frame_latencies_s: list[float] = field(default_factory=list)
+    prepare_s: float = float("nan")  # face crop + audio load + encoding, before the first frame
+    first_frame_at: float = float("nan")  # time.perf_counter() when the first frame was written
 
     @property
     def median_frame_s(self) -> float:
@@ -96,15 +99,31 @@ class TalkingHead:
 
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
-             precision: str = "fp32", audio_encoder: str | Path | None = None) -> TalkingHead:
-        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model)."""
+             precision: str = "fp32", audio_encoder: str | Path | None = None,
+             threads: int | None = None) -> TalkingHead:
+        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model).
+
+        ``threads`` (None = auto, see :mod:`dheads.engine.threads`) go to the engine that runs the UNet;
+        and to the Whisper encoder; this sets torch's thread count for the process: ``threads`` when torch
+        runs the UNet on the CPU, else 1 (torch then only does the sampler's arithmetic, and a woken pool
+        costs more than that arithmetic).
+        """
+        from . import threads as thread_policy
         from .backends import open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
         dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
-        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision)
-        encoder = load_encoder(info.audio, audio_encoder)
+        policy = thread_policy.runtime_policy(threads, unet_on_torch=True)
+        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision,
+                                       intra_op_threads=policy.onnxruntime)
+        audio = info.audio
+        if audio.encoder == "whisper" and "threads" not in audio.options:
+            audio = dataclasses.replace(audio, options={**audio.options, "threads": policy.onnxruntime})
+        encoder = load_encoder(audio, audio_encoder)
+        # After the encoder: CTranslate2 sets the process's OpenMP thread count when it loads a model.
+        on_torch = info.backend == "pytorch" and denoiser.device.type == "cpu"
+        thread_policy.apply(dataclasses.replace(policy, torch=policy.onnxruntime if on_torch else 1))
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
@@ -173,8 +192,10 @@ class TalkingHead:
         outs = [Path(j.out).resolve() for j in jobs]
         if not jobs or len(set(outs)) != len(outs):
             raise ValueError("render_batch needs at least one job and a different output path for each")
+        t_prep = time.perf_counter()
         inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
                                allow_silence=allow_silence) for j in jobs]
+        prepare_s = time.perf_counter() - t_prep
         seeds = [seed if j.seed is None else j.seed for j in jobs]
         fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
         lat: list[float] = []
@@ -194,7 +215,8 @@ class TalkingHead:
                 if on_frame is not None:
                     on_frame(i + 1, total)
         return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - t0,
-                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat)
+                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat,
+                        prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"))
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tests share 2 cores with other work: one OpenMP thread (set before torch loads its pool), as dh-run's
+# and dh-train's thread policy would choose on a busy machine (dheads.engine.threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DHEADS_SHARED", REPO.parent / "shared"))
@@ -31,7 +36,7 @@ def shared_reference() -> Path:
 
 @pytest.fixture(autouse=True)
 def _small_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
 
 
