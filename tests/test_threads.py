@@ -91,3 +91,18 @@ def test_progress_log_given_rate_and_extra_fields(caplog):
         clock.t = 4.0
         plog.update(5, 10, 22.5, loss=0.12345)
     assert caplog.records[0].getMessage() == "step 5/10, 22.50 samples/s, 4 s elapsed, ~20 s left, loss 0.1235"
+
+
+@pytest.mark.parametrize("module", ["dheads.engine.cli", "dheads.export.cli", "dheads.benchmarks.cli",
+                                    "dheads.training.cli"])
+def test_help_does_not_import_torch(module):
+    """``--help`` must be instant: torch alone takes seconds to import on a busy machine."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.argv = ['x', '--help']\nfrom {module} import main\ntry:\n    main()\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('heavy:', sorted(m for m in ('torch', 'onnxruntime', 'ctranslate2', 'mediapipe') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "heavy: []", r.stdout[-500:]
