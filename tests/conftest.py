@@ -34,6 +34,13 @@ def shared_reference() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Caches (the Whisper silence rows) go to a fresh folder, not the user's ~/.cache."""
+    os.environ["DHEADS_CACHE"] = str(tmp_path_factory.mktemp("dheads-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
     torch.set_num_threads(1)
