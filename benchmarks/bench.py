@@ -227,10 +227,10 @@ def machine_info(device: torch.device) -> dict[str, object]:
 def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: torch.device, workdir: Path,
                  intra_op_threads: int | None = None) -> Denoiser:
     """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime: exported into ``workdir``)."""
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    if name == "pytorch":  # a copy: TorchDenoiser converts its module in place (fp16, channels-last)
-        return TorchDenoiser(copy.deepcopy(model), device=device, dtype=dtype)
-    from dheads.engine.backends import open_denoiser
+    from dheads.engine.backends import TORCH_BACKENDS, open_denoiser, torch_denoiser
+
+    if name in TORCH_BACKENDS:  # a copy: the backend converts its module in place (fp16, channels-last)
+        return torch_denoiser(name, copy.deepcopy(model), device=device, precision=precision)
     from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
     from dheads.export.pipeline import export_bundle
 
@@ -259,8 +259,10 @@ def time_backend(den: Denoiser, bc: BenchConfig) -> dict[str, object]:
 def _threads(bc: BenchConfig, backend: str, device: torch.device) -> dict[str, int]:
     """Apply dh-run's thread policy for ``backend`` (torch gets the threads only when it runs the UNet)."""
     from dheads.engine import threads
+    from dheads.engine.backends import TORCH_BACKENDS
 
-    policy = threads.runtime_policy(bc.threads or None, unet_on_torch=backend == "pytorch" and device.type == "cpu")
+    policy = threads.runtime_policy(bc.threads or None,
+                                    unet_on_torch=backend in TORCH_BACKENDS and device.type == "cpu")
     threads.apply(policy)
     return {"torch": policy.torch, "onnxruntime": policy.onnxruntime}
 
@@ -271,7 +273,7 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
     With ``bc.timing`` off only the parity rows are made (and PyTorch fp16 runs on CPU too).
     ``bc.model == "demo"``: the packaged demo bundle on ONNX Runtime, timing only.
     """
-    from dheads.engine.backends import pick_device
+    from dheads.engine.backends import TORCH_BACKENDS, pick_device
 
     device = pick_device(bc.device)
     if "tensorrt" in bc.backends:  # say so before minutes of export, not after
@@ -287,8 +289,9 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
     rows = []
     for backend in bc.backends:
         for precision in bc.precisions:
-            if bc.timing and precision == "fp16" and device.type == "cpu" and backend == "pytorch":
-                log.warning("skipping pytorch fp16 on CPU (not a deployment target; --no-timing checks its parity)")
+            if bc.timing and precision == "fp16" and device.type == "cpu" and backend in TORCH_BACKENDS:
+                log.warning("skipping %s fp16 on CPU (not a deployment target; --no-timing checks its parity)",
+                            backend)
                 continue
             threads = _threads(bc, backend, device)
             den = open_backend(backend, model, precision, device, workdir, threads["onnxruntime"])

@@ -47,7 +47,8 @@ def run(
     sampler: Optional[str] = typer.Option(None, help="ddpm (the authors') or ddim (default: the engine's)."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic given x_T)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
-    backend: Optional[str] = typer.Option(None, help="pytorch | onnxruntime | tensorrt (default: from the engine)."),
+    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | tensorrt (default: from the "
+                                                  "engine)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (PyTorch backend on GPU)."),
     crop: str = typer.Option("auto", help="auto: find the face and frame it like the training data; none: centre."),

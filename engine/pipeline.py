@@ -109,7 +109,7 @@ class TalkingHead:
         costs more than that arithmetic).
         """
         from . import threads as thread_policy
-        from .backends import open_denoiser, pick_device
+        from .backends import TORCH_BACKENDS, open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
@@ -122,7 +122,7 @@ class TalkingHead:
             audio = dataclasses.replace(audio, options={**audio.options, "threads": policy.onnxruntime})
         encoder = load_encoder(audio, audio_encoder)
         # After the encoder: CTranslate2 sets the process's OpenMP thread count when it loads a model.
-        on_torch = info.backend == "pytorch" and denoiser.device.type == "cpu"
+        on_torch = info.backend in TORCH_BACKENDS and denoiser.device.type == "cpu"
         thread_policy.apply(dataclasses.replace(policy, torch=policy.onnxruntime if on_torch else 1))
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "

@@ -55,7 +55,10 @@ def pytest_collection_modifyitems(config, items):
         has_trt = True
     except ImportError:
         has_trt = False
+    wants_slow = "slow" in (config.getoption("-m") or "")
     for item in items:
+        if "slow" in item.keywords and not wants_slow:
+            item.add_marker(pytest.mark.skip(reason="slow (minutes on 2 busy cores): run with -m slow"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch"))
         if "tensorrt" in item.keywords and not has_trt:
