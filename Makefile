@@ -32,7 +32,7 @@ GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) -m pytest -m "gpu or tensorrt" -rs
 	$(GPU_PY) -m dheads.benchmarks.cli --model crema --device cuda --backends pytorch --precisions fp32,fp16 \
-		--steps 100 --frames 3 --batch 4
+		--steps 100 --frames 3 --batch 4 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,6 +33,7 @@ from .authors_loop import authors_frame
 
 log = logging.getLogger(__name__)
 MODELS = {"small": SMALL, "crema": CREMA}
+DEMO = "demo"  # the packaged demo bundle (trained weights, ONNX only: no reference loop, no parity row)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class BenchConfig:
     cuda_graph: bool = True
     timing: bool = True
     seed: int = 0
+    threads: int = 0  # 0 = auto (dheads.engine.threads.runtime_policy)
 
 
 def _sync(device: torch.device) -> None:
@@ -123,6 +125,26 @@ def _fill_loop(loop: FrameLoop, seed: int) -> None:
     loop.ring.reset(loop.identity)
 
 
+class TimedDenoiser:
+    """A Denoiser that adds the wall time spent inside each call to ``inside_s`` (device-synchronised on
+    CUDA, so never graph-safe): the loop around it is timed in the same run, call by call."""
+
+    graph_safe = False
+
+    def __init__(self, den: Denoiser):
+        self.inner, self.name, self.device, self.config = den, den.name, den.device, den.config
+        self.inside_s, self.calls = 0.0, 0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        _sync(self.device)
+        self.inside_s += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
 def bench_loop(den: Denoiser, bc: BenchConfig, batch: int = 1) -> dict[str, object]:
     """First frame (incl. CUDA-graph capture), then sustained per-frame time at ``bc.steps`` steps."""
     loop = FrameLoop(den, LoopConfig(sampler=SamplerConfig(steps=bc.steps), batch=batch, cuda_graph=bc.cuda_graph))
@@ -136,6 +158,30 @@ def bench_loop(den: Denoiser, bc: BenchConfig, batch: int = 1) -> dict[str, obje
     per_frame = statistics.median(frames)
     return {"first_frame_ms": first * 1000, "frame": summarize(frames), "step_ms": per_frame / bc.steps * 1000,
             "fps": batch / per_frame, "real_time_factor": per_frame / batch * 25, "cuda_graph": loop.use_graph}
+
+
+def bench_overhead(den: Denoiser, bc: BenchConfig) -> dict[str, float]:
+    """Where a frame's time goes, measured interleaved: each UNet call is timed inside the same frame loop
+    (batch 1, after one warm-up frame), so load changes between stages cannot fake or hide the overhead.
+
+    ``outside_unet_fraction`` = 1 - (time inside the UNet calls) / (frame time); outside = the sampler's
+    arithmetic, the loop, input conversion. On CUDA each call is synchronised (no CUDA graph).
+    """
+    timed_den = TimedDenoiser(den)
+    loop = FrameLoop(timed_den, LoopConfig(sampler=SamplerConfig(steps=bc.steps), batch=1, cuda_graph=False))
+    _fill_loop(loop, bc.seed)
+    with torch.no_grad():
+        loop.run_frame()  # warm-up
+        timed_den.inside_s, timed_den.calls = 0.0, 0
+        _sync(den.device)
+        t0 = time.perf_counter()
+        for _ in range(max(bc.frames, 1)):
+            loop.run_frame()
+        _sync(den.device)
+        total = time.perf_counter() - t0
+    outside = total - timed_den.inside_s
+    return {"frames": max(bc.frames, 1), "total_ms": total * 1000, "inside_unet_ms": timed_den.inside_s * 1000,
+            "outside_unet_ms_per_step": outside / timed_den.calls * 1000, "outside_unet_fraction": outside / total}
 
 
 def bench_reference(model: DiffusedHeadsUNet, device: torch.device, bc: BenchConfig) -> dict[str, object]:
@@ -178,12 +224,13 @@ def machine_info(device: torch.device) -> dict[str, object]:
     return info
 
 
-def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: torch.device, workdir: Path) -> Denoiser:
+def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: torch.device, workdir: Path,
+                 intra_op_threads: int | None = None) -> Denoiser:
     """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime: exported into ``workdir``)."""
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    if name == "pytorch":  # a copy: TorchDenoiser converts its module in place (fp16, channels-last)
-        return TorchDenoiser(copy.deepcopy(model), device=device, dtype=dtype)
-    from dheads.engine.backends import open_denoiser
+    from dheads.engine.backends import TORCH_BACKENDS, open_denoiser, torch_denoiser
+
+    if name in TORCH_BACKENDS:  # a copy: the backend converts its module in place (fp16, channels-last)
+        return torch_denoiser(name, copy.deepcopy(model), device=device, precision=precision)
     from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
     from dheads.export.pipeline import export_bundle
 
@@ -191,7 +238,8 @@ def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: to
     bundle = workdir / f"bundle-{precision}"
     if not bundle.exists():
         export_bundle(ckpt, bundle, precision=precision)
-    den, _ = open_denoiser(bundle, backend=name, device=str(device), precision=precision)
+    den, _ = open_denoiser(bundle, backend=name, device=str(device), precision=precision,
+                           intra_op_threads=intra_op_threads)
     return den
 
 
@@ -202,19 +250,30 @@ def time_backend(den: Denoiser, bc: BenchConfig) -> dict[str, object]:
                               "loop_b1": bench_loop(den, bc, 1)}
     if bc.batch > 1:
         row[f"loop_b{bc.batch}"] = bench_loop(den, bc, bc.batch)
-    fwd = row["unet_forward_b1"]["median_ms"]
-    frame = row["loop_b1"]["frame"]["median_ms"]
-    row["outside_unet_fraction"] = max(0.0, (frame - bc.steps * fwd) / frame)
+    row["overhead_b1"] = bench_overhead(den, bc)
+    row["outside_unet_fraction"] = row["overhead_b1"]["outside_unet_fraction"]
     row.update(_peak_memory(den.device))
     return row
+
+
+def _threads(bc: BenchConfig, backend: str, device: torch.device) -> dict[str, int]:
+    """Apply dh-run's thread policy for ``backend`` (torch gets the threads only when it runs the UNet)."""
+    from dheads.engine import threads
+    from dheads.engine.backends import TORCH_BACKENDS
+
+    policy = threads.runtime_policy(bc.threads or None,
+                                    unet_on_torch=backend in TORCH_BACKENDS and device.type == "cpu")
+    threads.apply(policy)
+    return {"torch": policy.torch, "onnxruntime": policy.onnxruntime}
 
 
 def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
     """Check every (backend, precision) against the strict-fp32 UNet, time it, then time the reference.
 
     With ``bc.timing`` off only the parity rows are made (and PyTorch fp16 runs on CPU too).
+    ``bc.model == "demo"``: the packaged demo bundle on ONNX Runtime, timing only.
     """
-    from dheads.engine.backends import pick_device
+    from dheads.engine.backends import TORCH_BACKENDS, pick_device
 
     device = pick_device(bc.device)
     if "tensorrt" in bc.backends:  # say so before minutes of export, not after
@@ -222,17 +281,22 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
 
         import_tensorrt(instead="benchmark --backends pytorch,onnxruntime instead")
         gpu_identity(device)
+    if bc.model == DEMO:
+        return _run_demo(bc, device)
     cfg = MODELS[bc.model]
     model = random_unet(cfg, seed=bc.seed)
     ref_out = reference_output(model, device)
     rows = []
     for backend in bc.backends:
         for precision in bc.precisions:
-            if bc.timing and precision == "fp16" and device.type == "cpu" and backend == "pytorch":
-                log.warning("skipping pytorch fp16 on CPU (not a deployment target; --no-timing checks its parity)")
+            if bc.timing and precision == "fp16" and device.type == "cpu" and backend in TORCH_BACKENDS:
+                log.warning("skipping %s fp16 on CPU (not a deployment target; --no-timing checks its parity)",
+                            backend)
                 continue
-            den = open_backend(backend, model, precision, device, workdir)
-            row = {"backend": backend, "precision": precision, "parity_vs_fp32": parity(den, ref_out)}
+            threads = _threads(bc, backend, device)
+            den = open_backend(backend, model, precision, device, workdir, threads["onnxruntime"])
+            row = {"backend": backend, "precision": precision, "threads": threads,
+                   "parity_vs_fp32": parity(den, ref_out)}
             if bc.timing:
                 row.update(time_backend(den, bc))
             rows.append(row)
@@ -240,11 +304,28 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
     result = {"machine": machine_info(device), "command": " ".join(sys.argv), "config": dataclasses.asdict(bc),
               "model": cfg.to_dict(), "results": rows}
     if bc.reference and bc.timing:
+        result["reference_threads"] = _threads(bc, "pytorch", device)
         ref = bench_reference(model, device, bc)
         result["reference"] = ref
         for row in rows:
             row["speedup_vs_reference"] = ref["frame"]["median_ms"] / row["loop_b1"]["frame"]["median_ms"]
     return result
+
+
+def _run_demo(bc: BenchConfig, device: torch.device) -> dict[str, object]:
+    """Time the packaged demo bundle (its trained weights are only in ONNX: no parity, no reference)."""
+    from dheads.engine.backends import BackendError, open_denoiser
+    from dheads.engine.pipeline import default_engine_path
+
+    if set(bc.backends) != {"onnxruntime"} or set(bc.precisions) != {"fp32"} or not bc.timing:
+        raise BackendError("--model demo is the packaged fp32 ONNX bundle: use --backends onnxruntime "
+                           "--precisions fp32, with timing")
+    threads = _threads(bc, "onnxruntime", device)
+    den, info = open_denoiser(default_engine_path(), backend="onnxruntime", device=str(device),
+                              intra_op_threads=threads["onnxruntime"])
+    row = {"backend": "onnxruntime", "precision": "fp32", "threads": threads, **time_backend(den, bc)}
+    return {"machine": machine_info(device), "command": " ".join(sys.argv),
+            "config": dataclasses.asdict(bc), "model": info.model.to_dict(), "results": [row]}
 
 
 def markdown_table(result: dict) -> str:
@@ -256,8 +337,8 @@ def markdown_table(result: dict) -> str:
                   f"{r['parity_vs_fp32']['max_abs']:.2e} |" for r in result["results"]]
         return f"{head}; one UNet call, batch 1, random weights.\n\n" + "\n".join(lines) + "\n"
     lines = ["| backend | precision | UNet b1 (ms) | step (ms) | frame (ms) | first frame (ms) | fps b1 | "
-             "fps batch | RTF b1 | outside UNet | speed-up vs reference | UNet rel. error vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fps batch | RTF b1 | outside UNet | speed-up vs reference | UNet rel. error vs fp32 | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     b = c["batch"]
     for r in result["results"]:
         lp = r["loop_b1"]
@@ -265,13 +346,22 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['backend']} | {r['precision']} | {r['unet_forward_b1']['median_ms']:.1f} | "
                      f"{lp['step_ms']:.1f} | {lp['frame']['median_ms']:.0f} | {lp['first_frame_ms']:.0f} | "
                      f"{lp['fps']:.3f} | {fps_b:.3f} | {lp['real_time_factor']:.1f} | "
-                     f"{r['outside_unet_fraction']:.1%} | {r.get('speedup_vs_reference', float('nan')):.2f}x | "
-                     f"{_err(r)} |")
+                     f"{r['outside_unet_fraction']:.1%} | {_speedup(r)} | "
+                     f"{_err(r)} | {_threads_cell(r.get('threads'))} |")
     if "reference" in result:
         ref = result["reference"]
         lines.append(f"| reference (authors' loop) | fp32 | - | {ref['step_ms']:.1f} | {ref['frame']['median_ms']:.0f} "
-                     f"| - | {ref['fps']:.3f} | - | {ref['real_time_factor']:.1f} | - | 1.00x | - |")
+                     f"| - | {ref['fps']:.3f} | - | {ref['real_time_factor']:.1f} | - | 1.00x | - | "
+                     f"{_threads_cell(result.get('reference_threads'))} |")
     return f"{head}, {c['steps']} steps.\n\n" + "\n".join(lines) + "\n"
+
+
+def _speedup(row: dict) -> str:
+    return f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "-"
+
+
+def _threads_cell(t: dict | None) -> str:
+    return f"torch {t['torch']}, ORT {t['onnxruntime']}" if t else "-"
 
 
 def _err(row: dict) -> str:

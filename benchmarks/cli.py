@@ -1,19 +1,22 @@
-"""dh-bench: one command, flags -> BenchConfig -> run_bench -> JSON + markdown under benchmarks/results/."""
+"""dh-bench: one command, flags -> BenchConfig -> run_bench -> a markdown table (+ JSON and markdown in --out).
+
+Nothing heavy is imported before the command runs, so ``dh-bench --help`` is instant.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 
-from dheads.engine.backends import BACKENDS, BackendError
 from dheads.engine.cli_errors import OneLineErrors
 
-from .bench import MODELS, BenchConfig, markdown_table, run_bench, write_results
+MODEL_NAMES = ("small", "crema", "demo")
 
 app = typer.Typer(add_completion=False, help="Benchmark backends against the authors' sampling loop, same run.")
 err = Console(stderr=True)
@@ -23,9 +26,22 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _print_table(text: str) -> None:
+    """The markdown table on stdout: rendered on a terminal, else as is (never cut to 80 columns)."""
+    out = Console()
+    if out.is_terminal:
+        from rich.markdown import Markdown
+
+        out.print(Markdown(text))
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
 @app.command(cls=OneLineErrors)
 def bench(
-    model: str = typer.Option("small", help=f"Model config with random weights: {' | '.join(MODELS)}."),
+    model: str = typer.Option("small", help="small | crema (random weights), or demo (the packaged bundle, "
+                                            "ONNX Runtime only)."),
     backends: str = typer.Option("pytorch", help="Comma list: pytorch,onnxruntime,tensorrt."),
     precisions: str = typer.Option("fp32", help="Comma list: fp32,fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -36,34 +52,47 @@ def bench(
     reference: bool = typer.Option(True, help="Also time the authors' loop (the 1.00x baseline)."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph."),
     timing: bool = typer.Option(True, help="Time the backends; --no-timing only checks each against strict fp32."),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for <name>.json and <name>.md."),
+    threads: int = typer.Option(0, help="CPU threads, as dh-run --threads (0 = auto)."),
+    out: Optional[Path] = typer.Option(None, help="Also write <name>.json and <name>.md into this folder "
+                                                  "(default: print only; the committed results are in "
+                                                  "benchmarks/results)."),
     name: str = typer.Option("", help="Result file stem (default: <model>_<device>, + _parity with --no-timing)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress (INFO)."),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
-    if model not in MODELS:
-        raise typer.BadParameter(f"choose one of {sorted(MODELS)}", param_hint="--model")
+    if verbose:
+        logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
+    if model not in MODEL_NAMES:
+        raise typer.BadParameter(f"choose one of {', '.join(MODEL_NAMES)}", param_hint="--model")
     for value, hint in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch"), (repeats, "--repeats")):
         if value < 1:
             raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=hint)
+    from dheads.engine.backends import BACKENDS, BackendError
+
     for value, allowed, hint in ((backends, BACKENDS, "--backends"), (precisions, ("fp32", "fp16"), "--precisions")):
         unknown = [v for v in _csv(value) if v not in allowed]
         if unknown or not _csv(value):
             raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'} given; use a comma list of "
                                      f"{', '.join(allowed)}", param_hint=hint)
+    if threads < 0:
+        err.print(f"dh-bench: error: --threads must be 0 (auto) or a positive count, got {threads}")
+        raise typer.Exit(2)
+    from .bench import BenchConfig, markdown_table, run_bench, write_results
+
     bc = BenchConfig(model=model, backends=_csv(backends), precisions=_csv(precisions), device=device, steps=steps,
                      frames=frames, batch=batch, repeats=repeats, reference=reference, cuda_graph=cuda_graph,
-                     timing=timing)
+                     timing=timing, threads=threads)
     try:
         with tempfile.TemporaryDirectory(prefix="dh-bench-") as tmp:
             result = run_bench(bc, Path(tmp))
     except BackendError as e:  # no GPU, no TensorRT, no CUDA provider: one line, exit 2
         err.print(f"dh-bench: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    stem = name or f"{model}_{result['machine']['device'].split(':')[0]}" + ("" if timing else "_parity")
-    js, md = write_results(result, out, stem)
-    err.print(Markdown(markdown_table(result)))
-    err.print(f"wrote {js} and {md}")
+    _print_table(markdown_table(result))
+    if out is not None:
+        stem = name or f"{model}_{result['machine']['device'].split(':')[0]}" + ("" if timing else "_parity")
+        js, md = write_results(result, out, stem)
+        err.print(f"wrote {js} and {md}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
-from .backends.base import BatchProfile, TensorSpec
+from .backends.base import PRECISIONS, BatchProfile, TensorSpec
 from .config import AudioConfig, DiffusionConfig, ModelConfig
 
 FORMAT = "dheads-bundle"
 VERSION = 1
-PRECISIONS = ("fp32", "fp16")
 
 MANIFEST = "manifest.json"
 UNET_ONNX = "unet.onnx"

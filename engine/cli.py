@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .cli_errors import OneLineErrors
 from .config import SamplerConfig
 
+T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)
 log = logging.getLogger("dheads.run")
+progress_log = logging.getLogger("dheads.run.progress")  # logged without -v: the only sign of life in a log file
+PROGRESS_EVERY_S = 10.0
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, help="Generate a talking-head video from one face image and speech.")
 
 
-def _summary(stats, out: Path) -> None:
+def _summary(stats, out: Path, open_s: float) -> None:
     t = Table(title=f"wrote {out}", show_header=False)
     t.add_row("frames", f"{stats.frames} ({stats.seconds_of_video:.2f} s of video at 25 fps)")
     t.add_row("total time", f"{stats.total_s:.2f} s")
     t.add_row("first frame", f"{stats.first_frame_s * 1000:.1f} ms")
+    t.add_row("time to first frame", f"{stats.first_frame_at - T_START:.2f} s from start-up (engine "
+                                      f"{open_s:.2f} s, face + audio {stats.prepare_s:.2f} s)")
     t.add_row("per frame (median)", f"{stats.median_frame_s * 1000:.1f} ms")
     t.add_row("frames per second", f"{stats.fps:.2f}")
     t.add_row("real-time factor", f"{stats.real_time_factor:.2f} (compute s / video s)")
@@ -78,7 +84,8 @@ def run(
     sampler: Optional[str] = typer.Option(None, help="ddpm (the authors') or ddim (default: the engine's)."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic given x_T)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
-    backend: Optional[str] = typer.Option(None, help="pytorch | onnxruntime | tensorrt (default: from the engine)."),
+    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | tensorrt (default: from the "
+                                                  "engine)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (PyTorch backend on GPU)."),
     crop: str = typer.Option("auto", help="auto: find the face and frame it like the training data; none: centre."),
@@ -88,32 +95,35 @@ def run(
                                                    "refusing it."),
     audio_encoder: Optional[Path] = typer.Option(None, help="The authors' audio_encoder.pt, for SDA models."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph (GPU)."),
+    threads: int = typer.Option(0, help="CPU threads for the engine running the UNet (0 = auto: OMP_NUM_THREADS, "
+                                        "else the cores the load average leaves free); torch gets 1 unless it "
+                                        "runs the UNet."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame)
     from .errors import USER_ERRORS
     from .pipeline import TalkingHead
+    from .threads import parse_threads
     from .video import check_output
 
+    try:
+        n_threads = parse_threads(threads)
+    except ValueError as e:
+        err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     try:
         if not face.exists():
             raise FileNotFoundError(f"no such file: {face}")
         if not audio.exists():
             raise FileNotFoundError(f"no such file: {audio}")
         check_output(output, inputs=(face, audio))
+        t_open = time.perf_counter()
         head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
-                                audio_encoder=audio_encoder)
+                                audio_encoder=audio_encoder, threads=n_threads)
+        open_s = time.perf_counter() - t_open
         cfg = _sampler_config(sampler, steps, eta, head.info.diffusion)
-        with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
-                      TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task("frames", total=None, fps=0.0)
-
-            def on_frame(done: int, total: int) -> None:
-                elapsed = bar.tasks[0].elapsed or 1e-9
-                bar.update(task, completed=done, total=total, fps=done / elapsed)
-
+        with _progress() as on_frame:
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
                                 max_seconds=max_seconds, allow_silence=allow_silence, cuda_graph=cuda_graph,
                                 on_frame=on_frame)
@@ -124,7 +134,31 @@ def run(
         err.print(f"dh-run: error: {e.filename or output}: {e.strerror or e}", markup=False, highlight=False,
                   soft_wrap=True)
         raise typer.Exit(2) from None
-    _summary(stats, output)
+    _summary(stats, output, open_s)
+
+
+@contextlib.contextmanager
+def _progress():
+    """``on_frame(done, total)``: a bar on a terminal, else a log line every ``PROGRESS_EVERY_S`` seconds."""
+    if not err.is_terminal:
+        from .progress import ProgressLog
+
+        progress_log.setLevel(logging.INFO)
+        yield ProgressLog(progress_log, "frames", every_s=PROGRESS_EVERY_S).update
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("frames", total=None, fps=0.0)
+
+        def on_frame(done: int, total: int) -> None:
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, completed=done, total=total, fps=done / elapsed)
+
+        yield on_frame
 
 
 def main() -> None:

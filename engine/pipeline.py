@@ -7,6 +7,7 @@ an mp4 atomically; ``.stream(face, audio)`` yields uint8 frames as they are made
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import statistics
@@ -45,6 +46,8 @@ class RunStats:
     total_s: float
     first_frame_s: float
     frame_latencies_s: list[float] = field(default_factory=list)
+    prepare_s: float = float("nan")  # face crop + audio load + encoding, before the first frame
+    first_frame_at: float = float("nan")  # time.perf_counter() when the first frame was written
 
     @property
     def median_frame_s(self) -> float:
@@ -98,24 +101,38 @@ class TalkingHead:
 
     @classmethod
     def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
-             precision: str = "fp32", audio_encoder: str | Path | None = None) -> TalkingHead:
+             precision: str = "fp32", audio_encoder: str | Path | None = None,
+             threads: int | None = None) -> TalkingHead:
         """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model).
 
         A bundle that holds an exported audio encoder (``audio_encoder.onnx``) runs on it unless
         ``audio_encoder`` names another file; otherwise the encoder comes from ``load_encoder``.
+        ``threads`` (None = auto, see :mod:`dheads.engine.threads`) go to the engine that runs the UNet
+        and to the Whisper encoder; this sets torch's thread count for the process: ``threads`` when torch
+        runs the UNet on the CPU, else 1 (torch then only does the sampler's arithmetic, and a woken pool
+        costs more than that arithmetic).
         """
-        from .backends import open_denoiser, pick_device
+        from . import threads as thread_policy
+        from .backends import TORCH_BACKENDS, open_denoiser, pick_device
         from .encoders import load_encoder
 
         path = Path(engine) if engine is not None else default_engine_path()
         dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
-        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision)
+        policy = thread_policy.runtime_policy(threads, unet_on_torch=True)
+        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision,
+                                       intra_op_threads=policy.onnxruntime)
         encoder = None
         if audio_encoder is None and info.manifest is not None:  # a bundle runs on the encoder it carries
             from .encoders.sda_onnx import bundled_encoder
 
             encoder = bundled_encoder(info.manifest, path if path.is_dir() else path.parent)
-        encoder = encoder or load_encoder(info.audio, audio_encoder)
+        audio = info.audio
+        if audio.encoder == "whisper" and "threads" not in audio.options:
+            audio = dataclasses.replace(audio, options={**audio.options, "threads": policy.onnxruntime})
+        encoder = encoder or load_encoder(audio, audio_encoder)
+        # After the encoder: CTranslate2 sets the process's OpenMP thread count when it loads a model.
+        on_torch = info.backend in TORCH_BACKENDS and denoiser.device.type == "cpu"
+        thread_policy.apply(dataclasses.replace(policy, torch=policy.onnxruntime if on_torch else 1))
         if encoder.dim != info.model.audio_dim:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
@@ -199,8 +216,10 @@ class TalkingHead:
             raise ValueError("render_batch needs at least one job and a different output path for each")
         for j in jobs:
             check_output(j.out, inputs=(j.face, j.audio))
+        t_prep = time.perf_counter()
         inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
                                allow_silence=allow_silence) for j in jobs]
+        prepare_s = time.perf_counter() - t_prep
         seeds = [seed if j.seed is None else j.seed for j in jobs]
         fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
         lat: list[float] = []
@@ -220,7 +239,8 @@ class TalkingHead:
                 if on_frame is not None:
                     on_frame(i + 1, total)
         return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - t0,
-                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat)
+                        first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat,
+                        prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"))
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,

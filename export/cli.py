@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dheads.engine.backends.base import BatchProfile
 from dheads.engine.cli_errors import OneLineErrors
 
-from .errors import FAILURES, USER_ERRORS
+if TYPE_CHECKING:
+    from dheads.engine.backends.base import BatchProfile
 
 log = logging.getLogger("dheads.export")
 err = Console(stderr=True)
@@ -31,6 +31,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 def parse_batch(text: str) -> BatchProfile:
     """``"N"`` (fixed batch) or ``"MIN:OPT:MAX"``."""
+    from dheads.engine.backends.base import BatchProfile  # torch: not imported for --help
+
     try:
         parts = [int(p) for p in text.split(":")]
         if len(parts) == 1:
@@ -100,6 +102,7 @@ def export(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .errors import FAILURES, USER_ERRORS
     from .pipeline import run_export
 
     profile = parse_batch(batch)

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dheads.engine.backends.base import UNET_INPUTS, UNET_OUTPUTS, BatchProfile, example_inputs, unet_io_spec
+from dheads.engine.backends.base import (PRECISIONS, UNET_INPUTS, UNET_OUTPUTS, BatchProfile, example_inputs,
+                                         precision_dtype, unet_io_spec)
 from dheads.engine.config import ModelConfig
 from dheads.engine.model import DiffusedHeadsUNet
 
@@ -110,10 +111,10 @@ def export_unet_onnx(model: DiffusedHeadsUNet, path: str | os.PathLike, *, preci
     and output is the dynamic dimension ``batch`` (traced at batch 2, valid for the whole profile).
     """
     path = Path(path)
-    if precision not in ("fp32", "fp16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
     cfg = model.config
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = precision_dtype(precision)
     wrapper = UNetForExport(_copy_in(model, dtype), dtype).eval()
     args = tuple(example_inputs(cfg, batch=2, generator=torch.Generator().manual_seed(0)).values())
     batch = torch.export.Dim("batch", min=1, max=max(1024, profile.max))

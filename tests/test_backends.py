@@ -112,6 +112,36 @@ def test_checkpoint_opens_in_fp16_channels_last(exported, reference):
     assert 0 < stats.rel < 5e-3, stats  # fp16 weights and activations: ~4e-4
 
 
+def test_checkpoint_opens_with_torch_compile(exported):
+    """Construction is lazy (torch.compile compiles on the first call): the registry picks the class."""
+    from dheads.engine.backends.pytorch import CompiledTorchDenoiser
+
+    den, info = open_denoiser(exported[0], backend="torch-compile")
+    assert isinstance(den, CompiledTorchDenoiser) and den.name == info.backend == "torch-compile"
+    assert den.channels_last and den.dtype == torch.float32
+    assert info.description.startswith("torch-compile fp32 on cpu: small.pt")
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_on_cpu(reference):
+    """Inductor's fused CPU kernels against the eager module: fp32 rounding only (ORT_FP32 tolerance,
+    rtol 1e-4 / atol 1e-5), at batch 1 and 2 (one compilation each)."""
+    from dheads.engine.backends import torch_denoiser
+
+    den = torch_denoiser("torch-compile", small_model())
+    for batch in (1, 2):
+        assert_agrees(den, reference, batch)
+
+
+def test_precision_names_become_dtypes_in_one_place():
+    from dheads.engine.backends import PRECISIONS, precision_dtype
+
+    assert PRECISIONS == ("fp32", "fp16")
+    assert [precision_dtype(p) for p in PRECISIONS] == [torch.float32, torch.float16]
+    with pytest.raises(BackendError, match=r"^precision must be one of fp32, fp16, got 'bf16'$"):
+        precision_dtype("bf16")
+
+
 def test_directory_holding_one_checkpoint_opens_it(exported, tmp_path):
     shutil.copy(exported[0], tmp_path / "model.pt")
     den, info = open_denoiser(tmp_path)
@@ -161,9 +191,10 @@ def test_directory_without_manifest_or_checkpoint(tmp_path):
     assert "not an export bundle" in one_line(e)
 
 
-def test_bundle_cannot_run_with_pytorch(bundle):
+@pytest.mark.parametrize("backend", ["pytorch", "torch-compile"])
+def test_bundle_cannot_run_with_pytorch(bundle, backend):
     with pytest.raises(BackendError) as e:
-        open_denoiser(bundle, backend="pytorch")
+        open_denoiser(bundle, backend=backend)
     assert "checkpoint" in one_line(e) and "small.pt" in one_line(e)
 
 

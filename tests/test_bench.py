@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -75,3 +76,50 @@ def test_dh_bench_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["--backends", "torch", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "Invalid value for --backends: torch given; use a comma list" in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overhead_is_measured_in_the_same_loop(monkeypatch):
+    """A denoiser that sleeps 20 ms per call: the interleaved split puts ~all of the frame inside it."""
+    import time as _time
+
+    from dheads.benchmarks.bench import BenchConfig, bench_overhead
+
+    den = TorchDenoiser(random_unet(SMALL, seed=0))
+    inner = den.model
+
+    class Slow(torch.nn.Module):
+        def forward(self, *a, **k):
+            _time.sleep(0.02)
+            return inner(*a, **k)
+
+    den.model = Slow()
+    row = bench_overhead(den, BenchConfig(steps=3, frames=1))
+    assert row["inside_unet_ms"] >= 3 * 20 and row["total_ms"] >= row["inside_unet_ms"]
+    assert 0 <= row["outside_unet_fraction"] < 0.25
+    assert row["outside_unet_fraction"] == pytest.approx(1 - row["inside_unet_ms"] / row["total_ms"])
+
+
+def test_dh_bench_by_default_writes_nothing_prints_a_full_width_table_and_no_info(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "small", "--device", "cpu", "--steps", "2", "--frames", "1", "--batch", "1", "--repeats", "1",
+            "--no-reference", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert list(tmp_path.iterdir()) == []  # no results/ folder, nothing overwritten
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| pytorch | fp32 |")]
+    assert len(rows) == 1 and len(rows[0]) > 80 and rows[0].endswith("| torch 1, ORT 1 |"), res.stdout
+    assert "INFO" not in res.stderr
+
+
+def test_dh_bench_demo_bundle_on_onnxruntime(tmp_path):
+    args = ["--model", "demo", "--backends", "onnxruntime", "--device", "cpu", "--steps", "2", "--frames", "1",
+            "--batch", "1", "--repeats", "1", "--out", str(tmp_path), "--name", "d"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "d.json").read_text())["results"][0]
+    assert row["backend"] == "onnxruntime" and row["overhead_b1"]["frames"] == 1
+    assert 0 <= row["outside_unet_fraction"] < 1
+    res = CliRunner().invoke(app, ["--model", "demo", "--backends", "pytorch", "--device", "cpu"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("dh-bench: error: --model demo is the packaged fp32 ONNX bundle: use --backends "
+                                  "onnxruntime --precisions fp32, with timing")

@@ -175,7 +175,7 @@ def test_dh_export_checkpoint_without_model_config(inputs, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "Invalid value for --steps: must be at least 1, got 0"),
-    (["--model", "nope"], "Invalid value for --model: choose one of ['crema', 'small']"),
+    (["--model", "nope"], "Invalid value for --model: choose one of small, crema, demo"),
     (["--backends", "foo"], "Invalid value for --backends: foo given; use a comma list of pytorch, onnxruntime, "
                             "tensorrt"),
 ])

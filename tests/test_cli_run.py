@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import av
 import numpy as np
@@ -192,3 +193,29 @@ def test_render_batch_failure_leaves_no_file(shared_data, engine, tmp_path):
     with pytest.raises(ValueError, match="a different output path for each"):
         head.render_batch([Job(face, wav, tmp_path / "a.mp4"), Job(face, wav, tmp_path / "a.mp4")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["silent.wav"]
+
+
+def test_threads_flag_sets_torch_threads_and_logs_progress_when_not_a_terminal(shared_data, engine, tmp_path,
+                                                                                 caplog, monkeypatch):
+    import dheads.engine.cli as cli
+
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)  # a line per frame (default: every 10 s)
+    out = tmp_path / "talk.mp4"
+    with caplog.at_level(logging.INFO, logger="dheads.run.progress"):
+        r = _run("--engine", engine, shared_data / "faces" / "astronaut_512.png",
+                 shared_data / "speech" / "cmu_arctic_a0007.wav", "-o", out, "--steps", "1", "--max-seconds", "0.4",
+                 "--threads", "2")
+    assert r.exit_code == 0, r.stderr
+    assert torch.get_num_threads() == 2  # the PyTorch backend runs the UNet: it gets the threads
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "dheads.run.progress"]
+    assert len(lines) == 10 and lines[-1].startswith("frames 10/10, "), lines
+    assert "time to first frame" in r.stderr
+
+
+def test_negative_threads_one_line_exit_2(shared_data, engine, tmp_path):
+    out = tmp_path / "out.mp4"
+    r = _run("--engine", engine, shared_data / "faces" / "astronaut_512.png",
+             shared_data / "speech" / "cmu_arctic_a0007.wav", "-o", out, "--threads", "-1")
+    assert r.exit_code == 2
+    assert _error_line(r) == "dh-run: error: --threads must be 0 (auto) or a positive count, got -1"
+    assert not out.exists()

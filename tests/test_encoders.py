@@ -342,3 +342,30 @@ def test_whisper_model_path_option(speech, whisper):
     enc = load_encoder(AudioConfig(encoder="whisper", dim=384, options=options))
     assert enc.model_path == bundled_model_path()
     assert torch.equal(enc(speech[:16000]), whisper(speech[:16000]))
+
+
+def test_whisper_silence_rows_are_cached_per_model(whisper, tmp_path, monkeypatch):
+    """The silent window is encoded once per model and settings, then read back bit for bit."""
+    from dheads.engine.encoders import whisper as wmod
+
+    monkeypatch.setenv("DHEADS_CACHE", str(tmp_path))
+    cfg = AudioConfig(encoder="whisper", dim=384, options={"model": "tiny.en"})
+    first = load_encoder(cfg)
+    files = list(tmp_path.glob("whisper_silence_*.npy"))
+    assert len(files) == 1 and files[0] == wmod.silence_cache_path(first.model_path, "float32", 2)
+    np.testing.assert_array_equal(first.silence, whisper.silence)  # what the uncached encoder computed
+
+    calls = []
+    monkeypatch.setattr(WhisperEncoder, "encode_mel", lambda self, mel: calls.append(mel.shape) or 1 / 0)
+    second = load_encoder(cfg)
+    assert calls == [] and np.array_equal(second.silence, first.silence)  # read back, not encoded again
+
+    other = wmod.silence_cache_path(first.model_path, "int8", 2)
+    assert other != files[0]  # another compute type: another entry
+
+    files[0].write_bytes(b"not a numpy file")  # a broken entry is computed again, not trusted
+    monkeypatch.undo()
+    monkeypatch.setenv("DHEADS_CACHE", str(tmp_path))
+    third = load_encoder(cfg)
+    np.testing.assert_array_equal(third.silence, first.silence)
+    assert np.load(files[0]).shape == (750, 384)

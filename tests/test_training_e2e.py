@@ -150,6 +150,20 @@ def test_data_order_does_not_depend_on_workers_or_mmap(prepared, tmp_path):
     assert a == b
 
 
+def test_fit_logs_progress_lines_when_stderr_is_not_a_terminal(prepared, tmp_path, caplog, monkeypatch):
+    import logging
+
+    import dheads.training.train as train_mod
+
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 0.0)  # a line per step (default: every 30 s)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with caplog.at_level(logging.INFO, logger="dheads.training"):
+        fit(_tiny(steps=3), prepared, tmp_path, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [ln.split(",")[0] for ln in lines] == ["step 1/3", "step 2/3", "step 3/3"], lines
+    assert " samples/s, " in lines[-1] and ", loss " in lines[-1]
+
+
 def test_dh_run_takes_the_checkpoint(run_a, shared_data, tmp_path):
     pytest.importorskip("dheads.engine.cli")
     out, _ = run_a

@@ -34,6 +34,20 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
 
 
+def _threads(threads: int) -> None:
+    """Set this process's thread policy before any parallel work (see ``dheads.engine.threads``)."""
+    from dheads.engine import threads as policy
+
+    try:
+        policy.apply(policy.training_policy(policy.parse_threads(threads)))
+    except ValueError as e:
+        _fail(str(e))
+
+
+THREADS_HELP = ("torch CPU threads per process (0 = auto: OMP_NUM_THREADS, else the cores the load average "
+                "leaves free, split over torchrun's ranks on this node)")
+
+
 def _fail(message: str) -> None:
     typer.echo(f"dh-train: error: {message}", err=True)
     raise typer.Exit(2)
@@ -95,11 +109,14 @@ def fit(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if "
                                                        "available)")] = None,
     until: Annotated[Optional[int], typer.Option(help="stop after this step (resume later)")] = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    progress: Annotated[bool, typer.Option(help="show a progress bar (a log line every 30 s when stderr is "
+                                                "not a terminal)")] = True,
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train (or resume) a model on prepared clips. Under torchrun, one process per GPU (DDP)."""
     _setup_logging(verbose)
+    _threads(threads)
     from .config import TrainingConfig, apply_overrides, load_config
     from .train import fit as run_fit
     from .train import resolve_resume, saved_config
@@ -130,10 +147,12 @@ def sample(
     raw: Annotated[bool, typer.Option(help="use the raw weights instead of the EMA weights")] = False,
     device: Annotated[str, typer.Option()] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Preview a checkpoint on a prepared clip."""
     _setup_logging(verbose)
+    _threads(threads)
     from dheads.engine.checkpoint import load_checkpoint
 
     from .train import write_preview

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dheads.engine.checkpoint import Checkpoint, save_checkpoint
 from dheads.engine.config import AudioConfig
 from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.threads import worker_init
 
 from . import health
 from .augment import augment
@@ -202,13 +204,26 @@ class ScalarLog:
             self.tb.close()
 
 
+PROGRESS_EVERY_S = 30.0  # a log line this often when stderr is not a terminal (a log file, a batch job)
+
+
 def _progress(enabled: bool, total: int, done: int):
+    """A rich bar on a terminal; elsewhere a bar shows nothing until the end, so a ``ProgressLog`` line instead.
+
+    Returns ``(context, update(step, loss, rate))``.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if enabled and not sys.stderr.isatty():
+        from dheads.engine.progress import ProgressLog
+
+        plog = ProgressLog(log, "step", every_s=PROGRESS_EVERY_S, unit="samples/s")
+        return contextlib.nullcontext(), lambda step, loss, rate: plog.update(step, total, rate, loss=loss)
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} samples/s"),
                    TimeRemainingColumn(), disable=not enabled)
-    return bar, bar.add_task("steps", total=total, completed=done, loss=float("nan"), rate=0.0)
+    task = bar.add_task("steps", total=total, completed=done, loss=float("nan"), rate=0.0)
+    return bar, lambda step, loss, rate: bar.update(task, completed=step, loss=loss, rate=rate)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -410,10 +425,10 @@ class Trainer:
                                    grad_accum=t.grad_accum, start=self.step, stop=stop, rank=self.dist.rank,
                                    identity=self.cfg.data.identity)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-                                             pin_memory=self.dist.device.type == "cuda",
+                                             worker_init_fn=worker_init, pin_memory=self.dist.device.type == "cuda",
                                              persistent_workers=False)
         scalars = ScalarLog(self.out, t.log_backend, self.step) if main else None
-        bar, task = _progress(self.show_progress and main, t.steps, self.step)
+        bar, show = _progress(self.show_progress and main, t.steps, self.step)
         it = iter(loader)
         samples_per_step = t.batch_size * t.grad_accum * self.dist.world_size
         try:
@@ -427,7 +442,7 @@ class Trainer:
                         m = self._reduce(m)
                         if scalars is not None:
                             scalars.write(self.step, m)
-                    bar.update(task, completed=self.step, loss=m["loss"], rate=m["samples_per_s"])
+                    show(self.step, m["loss"], m["samples_per_s"])
                     if main and (self.step % t.checkpoint_every == 0 or self.step == stop):
                         result.last_checkpoint = self.save()
                     if main and t.sample_every and self.step % t.sample_every == 0:

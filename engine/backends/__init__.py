@@ -17,17 +17,22 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import AudioConfig, DiffusionConfig, ModelConfig
-from .base import BackendError, BatchProfile, Denoiser, TensorSpec, example_inputs, unet_io_spec
+from .base import (PRECISIONS, BackendError, BatchProfile, Denoiser, TensorSpec, check_precision, example_inputs,
+                   precision_dtype, unet_io_spec)
 
 if TYPE_CHECKING:
     from ..bundle import Manifest
 
-__all__ = ["BACKENDS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec", "example_inputs",
-           "open_denoiser", "pick_device", "unet_io_spec"]
+__all__ = ["BACKENDS", "PRECISIONS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec",
+           "example_inputs", "open_denoiser", "pick_device", "precision_dtype", "torch_denoiser", "unet_io_spec"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
+# The registry: which backends run a checkpoint's module (name -> the Denoiser class, imported when used),
+# and which run an exported artifact (opened by _open_exported). BACKENDS is every name, in this order.
+TORCH_BACKENDS = {"pytorch": "TorchDenoiser", "torch-compile": "CompiledTorchDenoiser"}
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = (*TORCH_BACKENDS, *EXPORTED_BACKENDS)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -67,8 +72,7 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if precision not in ("fp32", "fp16"):
-        raise BackendError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    check_precision(precision)
     auto = str(device) == "auto"
     device = pick_device("auto") if auto else torch.device(device)
     if not path.exists():
@@ -114,24 +118,32 @@ def _single_checkpoint(directory: Path) -> Path:
     return found[0]
 
 
+def torch_denoiser(backend: str, model, *, device: torch.device | str = "cpu", precision: str = "fp32") -> Denoiser:
+    """A Denoiser of ``TORCH_BACKENDS[backend]`` over ``model`` (an nn.Module, converted in place)."""
+    from . import pytorch
+
+    if backend not in TORCH_BACKENDS:
+        raise BackendError(f"{backend!r} does not run a PyTorch module; use one of {', '.join(TORCH_BACKENDS)}")
+    return getattr(pytorch, TORCH_BACKENDS[backend])(model, device=device, dtype=precision_dtype(precision))
+
+
 def _open_checkpoint(path: Path, backend: str | None, device: torch.device, precision: str,
                      model_config: ModelConfig | None) -> tuple[Denoiser, EngineInfo]:
     from ..checkpoint import CheckpointError, load_checkpoint
-    from .pytorch import TorchDenoiser
 
-    if backend not in (None, "pytorch"):
-        raise BackendError(f"{path}: a checkpoint runs with the pytorch backend; export it for {backend} "
-                           f"first with `dh-export {path}`")
+    backend = backend or "pytorch"
+    if backend not in TORCH_BACKENDS:
+        raise BackendError(f"{path}: a checkpoint runs with the {' or '.join(TORCH_BACKENDS)} backend; export it "
+                           f"for {backend} first with `dh-export {path}`")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise BackendError(f"{e}; or pass a .plan, .onnx or export bundle") from None
     _check_model(path, ckpt.model, model_config)
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    den = TorchDenoiser(ckpt.build(), device=device, dtype=dtype)
-    info = EngineInfo(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, backend="pytorch",
+    den = torch_denoiser(backend, ckpt.build(), device=device, precision=precision)
+    info = EngineInfo(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, backend=backend,
                       precision=precision, path=path,
-                      description=f"pytorch {precision} on {device}: {path.name} ({ckpt.source} checkpoint)")
+                      description=f"{backend} {precision} on {device}: {path.name} ({ckpt.source} checkpoint)")
     return den, info
 
 
@@ -147,7 +159,7 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
         raise BackendError(f"{path}: needs the manifest.json dh-export writes beside it ({e})") from None
     _check_model(path, manifest.model, model_config)
     backend = backend or _default_backend(kind, bundle, manifest, device)
-    if backend == "pytorch":
+    if backend in TORCH_BACKENDS:
         raise BackendError(f"{path}: an export bundle holds no PyTorch weights; pass the checkpoint it was made "
                            f"from ({manifest.source_name or 'sha256 ' + manifest.source_sha256[:12]}) instead")
     if backend == "tensorrt":

@@ -13,6 +13,23 @@ import torch
 
 from ..config import ModelConfig
 
+# The precisions an engine computes in, and the one place a precision name becomes a torch dtype.
+PRECISIONS = ("fp32", "fp16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of ``PRECISIONS``, else BackendError (one line)."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """``"fp32" -> torch.float32``, ``"fp16" -> torch.float16``; BackendError for anything else."""
+    return _DTYPES[check_precision(precision)]
+
+
 # Input order of the exported UNet; the names are the ONNX/TensorRT tensor names.
 UNET_INPUTS = ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")
 UNET_OUTPUTS = ("model_out",)

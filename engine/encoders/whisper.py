@@ -27,8 +27,10 @@ whole clip (as Whisper's ``transcribe`` does) and sliced per window.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +153,8 @@ class WhisperEncoder:
     ``config.options``: ``model_path`` (CTranslate2 Whisper directory; default the bundled
     tiny.en), ``compute_type`` (``"float32"`` default; ``"int8"`` is ~3x faster on CPU),
     ``threads`` (0 = CTranslate2's default), ``chunk_margin_s`` (5.0), ``batch_size`` (4 windows),
-    ``subtract_silence`` (True; see the module docstring). ``config.dim`` must equal the model's
+    ``subtract_silence`` (True; see the module docstring; the silent window's rows are cached on disk,
+:func:`silence_cache_path`). ``config.dim`` must equal the model's
     width (384 for tiny); with ``subtract_silence`` this is checked at construction.
     """
 
@@ -180,6 +183,7 @@ class WhisperEncoder:
         self.window = WINDOW_ENC // self.frames_per_row  # 750 rows = 30 s at 25 fps
         self.margin = round(float(opts.get("chunk_margin_s", 5.0)) * config.fps)
         self.batch_size = int(opts.get("batch_size", 4))
+        self.compute_type = opts.get("compute_type", "float32")
         self.silence = self._silence_rows() if opts.get("subtract_silence", True) else None
 
     @property
@@ -218,9 +222,19 @@ class WhisperEncoder:
         return enc.reshape(enc.shape[0], self.window, self.frames_per_row, -1).mean(axis=2)
 
     def _silence_rows(self) -> np.ndarray:
-        """Rows of an all-silent 30 s window, ``[750, D]``: the per-position baseline."""
+        """Rows of an all-silent 30 s window, ``[750, D]``: the per-position baseline.
+
+        A constant of the model (one encoder pass, seconds on a CPU), so it is cached on disk under a key
+        of the model file and the settings that shape it (:func:`silence_cache_path`).
+        """
+        cache = silence_cache_path(self.model_path, self.compute_type, self.frames_per_row)
+        rows = _read_cache(cache, (self.window, self.dim))
+        if rows is not None:
+            return rows
         silent = np.full((1, self.model.n_mels, WINDOW_MEL), SILENT_MEL, np.float32)
-        return self._pair_mean(self.encode_mel(silent))[0]
+        rows = self._pair_mean(self.encode_mel(silent))[0].astype(np.float32)
+        _write_cache(cache, rows)
+        return rows
 
     def _padded_mel(self, samples: np.ndarray, last_start: int) -> np.ndarray:
         """Log-mel of the clip zero-padded so the last window has its full 30 s: ``[n_mels, T]``."""
@@ -239,6 +253,42 @@ class WhisperEncoder:
             per_row = per_row - self.silence
         kept = [r[c.keep_from - c.start : c.keep_to - c.start] for r, c in zip(per_row, chunks)]
         return np.concatenate(kept).astype(np.float32, copy=False)
+
+
+def cache_dir() -> Path:
+    """``$DHEADS_CACHE``, else ``$XDG_CACHE_HOME/dheads``, else ``~/.cache/dheads``."""
+    if os.environ.get("DHEADS_CACHE"):
+        return Path(os.environ["DHEADS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dheads"
+
+
+def silence_cache_path(model_path: Path, compute_type: str, frames_per_row: int) -> Path:
+    """Where the silence rows of this model live: keyed by the model file (path, size, mtime) and the
+    settings that change them (compute type, 50 Hz frames per row, the silent log-mel value)."""
+    st = (Path(model_path) / "model.bin").stat()
+    key = f"{Path(model_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{compute_type}|{frames_per_row}|{SILENT_MEL}"
+    return cache_dir() / f"whisper_silence_{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+
+
+def _read_cache(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None  # absent, unreadable or half-written by an older version: compute it again
+    if rows.shape != shape or rows.dtype != np.float32 or not np.isfinite(rows).all():
+        return None
+    log.debug("Whisper silence rows from %s", path)
+    return rows
+
+
+def _write_cache(path: Path, rows: np.ndarray) -> None:
+    from dheads.engine.atomic import atomic_write
+
+    try:
+        with atomic_write(path) as f:
+            np.save(f, rows, allow_pickle=False)
+    except OSError as e:  # a read-only home is no reason to fail a run
+        log.debug("cannot cache the Whisper silence rows at %s (%s)", path, e)
 
 
 def _fit_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
