@@ -14,6 +14,8 @@ from rich.table import Table
 
 from .config import SamplerConfig
 from .errors import USER_ERRORS
+from .plan import PRESETS, preset_sampler
+from .sampling import sampler_help
 
 log = logging.getLogger("dheads.run")
 err = Console(stderr=True)
@@ -39,8 +41,14 @@ def run(
     engine: Optional[Path] = typer.Option(None, "--engine", "-e", help="Plan, export bundle dir, ONNX or "
                                           "checkpoint. Default: the small demo model shipped with the package."),
     steps: Optional[int] = typer.Option(None, help="Respaced denoising steps (default: the engine's)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm (the authors') or ddim (default: the engine's)."),
+    sampler: Optional[str] = typer.Option(None, help=f"{sampler_help()} (default: the engine's)."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic given x_T)."),
+    warm_steps: int = typer.Option(0, help="Warm start: frames after the first start from the previous frame "
+                                           "noised to this respaced step and run only these steps (0 = off)."),
+    tables: str = typer.Option("float64", help="Step coefficient tables: float64, or authors (their float32 "
+                                               "tables: their sampler bit for bit)."),
+    preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESETS)}: a measured sampler/steps choice "
+                                                    "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
     backend: Optional[str] = typer.Option(None, help="pytorch | onnxruntime | tensorrt (default: from the engine)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -66,11 +74,12 @@ def run(
             raise FileNotFoundError(f"no such file: {audio}")
         head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
                                 audio_encoder=audio_encoder)
-        d = head.info.diffusion
         try:
-            cfg = SamplerConfig(name=sampler or d.sampler, steps=steps or d.sampling_steps, eta=eta)
+            base = preset_sampler(preset, head.info.diffusion) if preset else head.default_sampler
+            cfg = SamplerConfig(name=sampler or base.name, steps=steps or base.steps, eta=eta, tables=tables,
+                                warm_steps=warm_steps or base.warm_steps)
         except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--sampler/--steps") from None
+            raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables") from None
         with Progress(TextColumn("frames"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[fps]:.2f} fps"), TimeElapsedColumn(), TextColumn("left"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:
