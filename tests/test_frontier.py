@@ -64,3 +64,19 @@ def test_frontier_runs_every_row_and_writes_json_table_png(shared_data, tmp_path
 
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from dheads.benchmarks.frontier_cli import app
+
+    r = CliRunner().invoke(app, [str(tmp_path / "missing.mpg")])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == f"dh-frontier: error: no such file: {tmp_path / 'missing.mpg'}"
+    clip = tmp_path / "c.mpg"
+    clip.write_bytes(b"x")
+    r = CliRunner().invoke(app, [str(clip), "--samplers", "euler"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == ("dh-frontier: error: unknown sampler 'euler'; choose one of "
+                                                 "ddpm, ddim, dpmpp_2m, unipc")
