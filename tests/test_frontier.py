@@ -73,10 +73,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
     r = CliRunner().invoke(app, [str(tmp_path / "missing.mpg")])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == f"dh-frontier: error: no such file: {tmp_path / 'missing.mpg'}"
+    assert r.stderr.strip().splitlines() == [f"dh-frontier: error: no such file: {tmp_path / 'missing.mpg'}"]
     clip = tmp_path / "c.mpg"
     clip.write_bytes(b"x")
     r = CliRunner().invoke(app, [str(clip), "--samplers", "euler"])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == ("dh-frontier: error: unknown sampler 'euler'; choose one of "
-                                                 "ddpm, ddim, dpmpp_2m, unipc")
+    assert r.stderr.strip().splitlines() == [("dh-frontier: error: unknown sampler 'euler'; choose one of "
+                                         "ddpm, ddim, dpmpp_2m, unipc")]
