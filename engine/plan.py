@@ -99,4 +99,5 @@ def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: S
     return x
 
 
-__all__ = ["PRESETS", "SamplingPlan", "make_plan", "default_sampler", "preset_sampler", "denoise_frame", "warm_start", "make_state"]
+__all__ = ["PRESETS", "SamplingPlan", "default_sampler", "denoise_frame", "make_plan", "make_state", "preset_sampler",
+           "warm_start"]
