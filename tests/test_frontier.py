@@ -21,7 +21,7 @@ def test_colour_stats_golden():
     frames = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (100, 103, 101)])
     frames[2, ..., 1] = 110  # green jumps by 7 on the last frame
     s = colour_stats(frames, ident)
-    assert s["flicker"] == pytest.approx((3 + 9) / 2)
+    assert s["flicker"] == pytest.approx((3 + 7) / 2)
     assert s["colour_drift"] == pytest.approx((0 + 3 + 10) / 3)
 
 
