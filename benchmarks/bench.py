@@ -27,7 +27,8 @@ from dheads.engine.backends.pytorch import TorchDenoiser
 from dheads.engine.config import CREMA, SMALL, SamplerConfig
 from dheads.engine.generate import FrameLoop, LoopConfig
 from dheads.engine.model import DiffusedHeadsUNet, random_unet
-from dheads.engine.schedule import cosine_schedule, respace
+from dheads.engine.config import DiffusionConfig
+from dheads.engine.plan import make_plan
 
 from .authors_loop import authors_frame
 
@@ -188,14 +189,14 @@ def bench_reference(model: DiffusedHeadsUNet, device: torch.device, bc: BenchCon
     """The authors' way: eager fp32, schedule uploaded per coefficient per step, fresh tensors."""
     model = model.to(device=device, dtype=torch.float32)
     cfg = model.config
-    sched = respace(cosine_schedule(), bc.steps)
+    base = make_plan(DiffusionConfig(), SamplerConfig(steps=bc.steps)).base  # random weights: the default config
     g = torch.Generator().manual_seed(bc.seed)
     s = cfg.image_size
     ident = (torch.rand(1, 3, s, s, generator=g) * 2 - 1).to(device)
     motion = [ident] * cfg.motion_frames
     audio = torch.randn(1, cfg.audio_frames, cfg.audio_dim, generator=g).to(device)
     x_T = torch.randn(1, 3, s, s, generator=g).to(device)
-    times = timed(lambda: authors_frame(model, sched, ident, motion, audio, x_T), device,
+    times = timed(lambda: authors_frame(model, base, bc.steps, ident, motion, audio, x_T), device,
                   warmup=1 if device.type == "cuda" else 0, repeats=max(bc.frames, 1))
     per_frame = statistics.median(times)
     return {"frame": summarize(times), "step_ms": per_frame / bc.steps * 1000, "fps": 1 / per_frame,

@@ -16,6 +16,10 @@ from rich.table import Table
 
 from .cli_errors import OneLineErrors
 from .config import SamplerConfig
+# Sampler and preset names for --help without importing torch (the registries: engine.sampling.SAMPLERS,
+# engine.plan.PRESETS; tests/test_plan.py checks these lists against them).
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "unipc")
+PRESET_NAMES = ("quality", "realtime")
 
 T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)
 log = logging.getLogger("dheads.run")
@@ -61,16 +65,25 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
         raise typer.BadParameter(f"must be >= 0, got {frame}", param_hint="--frame")
 
 
-def _sampler_config(sampler: str | None, steps: int | None, eta: float, diffusion) -> SamplerConfig:
-    """The engine's defaults where a flag is not given; ``--steps`` must fit the model's timesteps."""
-    steps = diffusion.sampling_steps if steps is None else steps
+def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: str, warm_steps: int,
+                    preset: str | None, head) -> SamplerConfig:
+    """The preset's (else the engine's) sampler where a flag is not given; ``--steps`` must fit the model."""
+    from .plan import preset_sampler
+
+    diffusion = head.info.diffusion
+    try:
+        base = preset_sampler(preset, diffusion) if preset else head.default_sampler
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--preset") from None
+    steps = base.steps if steps is None else steps
     if steps > diffusion.num_timesteps:
         raise typer.BadParameter(f"must be at most {diffusion.num_timesteps} (the model's diffusion timesteps), "
                                  f"got {steps}", param_hint="--steps")
     try:
-        return SamplerConfig(name=sampler or diffusion.sampler, steps=steps, eta=eta)
+        return SamplerConfig(name=sampler or base.name, steps=steps, eta=eta, tables=tables,
+                             warm_steps=warm_steps or base.warm_steps)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--sampler/--steps") from None
+        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables") from None
 
 
 @app.command(cls=OneLineErrors)
@@ -81,8 +94,14 @@ def run(
     engine: Optional[Path] = typer.Option(None, "--engine", "-e", help="Plan, export bundle dir, ONNX or "
                                           "checkpoint. Default: the small demo model shipped with the package."),
     steps: Optional[int] = typer.Option(None, help="Respaced denoising steps (default: the engine's)."),
-    sampler: Optional[str] = typer.Option(None, help="ddpm (the authors') or ddim (default: the engine's)."),
+    sampler: Optional[str] = typer.Option(None, help=f"{' | '.join(SAMPLER_NAMES)} (default: the engine's; README 'Sampling')."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic given x_T)."),
+    warm_steps: int = typer.Option(0, help="Warm start: frames after the first start from the previous frame "
+                                           "noised to this respaced step and run only these steps (0 = off)."),
+    tables: str = typer.Option("float64", help="Step coefficient tables: float64, or authors (their float32 "
+                                               "tables: their sampler bit for bit)."),
+    preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
+                                                    "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
     backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | tensorrt (default: from the "
                                                   "engine)."),
@@ -122,7 +141,7 @@ def run(
         head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
                                 audio_encoder=audio_encoder, threads=n_threads)
         open_s = time.perf_counter() - t_open
-        cfg = _sampler_config(sampler, steps, eta, head.info.diffusion)
+        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head)
         with _progress() as on_frame:
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
                                 max_seconds=max_seconds, allow_silence=allow_silence, cuda_graph=cuda_graph,

@@ -164,20 +164,35 @@ class DiffusionConfig:
         return _from_dict(cls, data)
 
 
+TABLES = ("float64", "authors")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How frames are sampled: ``ddpm`` (the authors' sampler) or ``ddim`` with ``eta``."""
+    """How frames are sampled: a sampler of ``engine.sampling.SAMPLERS``, its respaced ``steps`` and options.
+
+    ``tables``: ``float64`` (default) or ``authors`` (their float32 tables, to reproduce their sampler bit
+    for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
+    noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
+    """
 
     name: str = "ddpm"
     steps: int = 100
     eta: float = 0.0
     clip_denoised: bool = True
+    tables: str = "float64"
+    warm_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.name not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.name!r}")
+        from .sampling import get_sampler  # the one registry of sampler names
+
+        get_sampler(self.name)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.tables not in TABLES:
+            raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {self.tables!r}")
+        if not 0 <= self.warm_steps <= self.steps:
+            raise ValueError(f"warm steps must be in 0..steps ({self.steps}), got {self.warm_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

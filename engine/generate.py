@@ -17,22 +17,22 @@ import torch
 
 from .backends.base import Denoiser
 from .conditioning import MotionRing, audio_windows
-from .config import SamplerConfig
+from .config import DiffusionConfig, SamplerConfig
 from .noise import NoiseFn, as_noise_fn
-from .sampling import get_step, make_tables
-from .schedule import cosine_schedule, respace
+from .plan import denoise_frame, make_plan, make_state, warm_start
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """How the loop runs: the sampler, the batch of streams, and whether to capture a CUDA graph."""
+    """How the loop runs: the artifact's diffusion config, the sampler (None: the artifact's default),
+    the batch of streams, and whether to capture a CUDA graph."""
 
-    sampler: SamplerConfig = SamplerConfig()
+    sampler: SamplerConfig | None = None
     batch: int = 1
     cuda_graph: bool = True
-    num_timesteps: int = 1000
+    diffusion: DiffusionConfig = DiffusionConfig()
 
 
 class FrameLoop:
@@ -42,10 +42,9 @@ class FrameLoop:
         self.denoiser, self.config = denoiser, config
         cfg, dev, b = denoiser.config, denoiser.device, config.batch
         s = cfg.image_size
-        schedule = respace(cosine_schedule(config.num_timesteps), config.sampler.steps)
-        self.n_steps = len(schedule)
-        self.tables = make_tables(schedule, dev, eta=config.sampler.eta)
-        self.step = get_step(config.sampler.name)
+        self.plan = make_plan(config.diffusion, config.sampler)
+        self.n_steps = self.plan.steps
+        self.tables = self.plan.tables(dev)
         # Per-step float timesteps, already batched: the UNet input for step k is t_table[k].
         self.t_table = self.tables.timesteps.float()[:, None].expand(-1, b).contiguous()
         self.noise = torch.empty(self.n_steps + 1, b, 3, s, s, device=dev)
@@ -54,39 +53,51 @@ class FrameLoop:
         self.ring = MotionRing(b, cfg.motion_frames, 1 if cfg.grayscale_motion else 3, s, device=dev,
                                grayscale=cfg.grayscale_motion)
         self.frame = torch.empty(b, 3, s, s, device=dev)
+        self.x_warm = torch.empty(b, 3, s, s, device=dev)
+        self.state = make_state(self.plan.spec, self.frame)  # the sampler's preallocated per-frame state
         self.use_graph = config.cuda_graph and dev.type == "cuda" and denoiser.graph_safe
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.frames_done = 0
 
-    def denoise(self) -> None:
-        """x_T = noise[0]; for k = n-1..0: x = step(x, denoiser(x, t_k, ...), k, noise[1+k]); frame = x."""
-        x = self.noise[0]
-        clip = self.config.sampler.clip_denoised
-        for k in reversed(range(self.n_steps)):
-            out = self.denoiser(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
-            x = self.step(x, out, self.tables, k, self.noise[1 + k], clip)
-        self.frame.copy_(x)
+    def _model(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.denoiser(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def denoise(self, warm: bool = False) -> None:
+        """x = noise[0] (or, ``warm``, the last frame noised to the plan's warm step); run the plan's steps
+        down to k = 0 (``plan.denoise_frame``); frame = x."""
+        start = self.plan.start(warm)
+        x = warm_start(self.x_warm, self.frame, self.noise[0], self.tables, start) if warm else self.noise[0]
+        self.frame.copy_(denoise_frame(self._model, x, self.plan, self.tables, self.noise, self.state, start))
+
+    def _capture(self, warm: bool) -> torch.cuda.CUDAGraph:
         side = torch.cuda.Stream(device=self.frame.device)
         side.wait_stream(torch.cuda.current_stream())
+        saved = self.frame.clone()
         with torch.cuda.stream(side):  # warm-up outside capture: lazy init, cuBLAS/cuDNN handles
-            self.denoise()
+            self.denoise(warm)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.denoise()
-        log.info("captured a CUDA graph of %d denoising steps", self.n_steps)
+            self.denoise(warm)
+        self.frame.copy_(saved)  # a warm frame reads the last frame: capture must not have changed it
+        log.info("captured a CUDA graph of %d denoising steps", self.plan.calls(warm))
         return graph
+
+    def reset(self) -> None:
+        """Start a new video: the next frame starts from pure noise."""
+        self.frames_done = 0
 
     def run_frame(self) -> None:
         """Denoise one frame of every stream into ``self.frame`` and push it into the motion ring."""
+        warm = self.frames_done > 0 and self.plan.calls(True) < self.plan.steps
         if self.use_graph:
-            if self._graph is None:
-                self._graph = self._capture()
-            self._graph.replay()
+            if warm not in self._graphs:
+                self._graphs[warm] = self._capture(warm)
+            self._graphs[warm].replay()
         else:
-            self.denoise()
+            self.denoise(warm)
         self.ring.push(self.frame)
+        self.frames_done += 1
 
 
 class _HostFrames:
@@ -147,6 +158,7 @@ def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch
     noise_fn = as_noise_fn(noise, seed, dev)
     loop.identity.copy_(identity)
     loop.ring.reset(loop.identity)
+    loop.reset()
     host = _HostFrames(loop.frame)
     for i in range(max(lengths)):
         noise_fn(i, loop.noise)

@@ -26,6 +26,7 @@ from .config import SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
 from .noise import NoiseFn, PerStreamNoise
+from .plan import default_sampler
 from .video import MP4Writer, check_output
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,17 @@ class TalkingHead:
         emb = self.encoder(samples)
         return Inputs(identity=identity, samples=samples, audio_emb=emb)
 
-    def frames(self, inputs: Inputs, *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+    def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
                noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True) -> Iterator[np.ndarray]:
-        """Yield uint8 frames [S, S, 3] in order as they are generated (streaming)."""
+        """Yield uint8 frames [S, S, 3] in order as they are generated (streaming). ``sampler`` None: the
+        engine's recorded sampler and steps (``default_sampler``)."""
         for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
             yield imgs[0]
+
+    @property
+    def default_sampler(self) -> SamplerConfig:
+        """The sampler and steps the engine records (its ``DiffusionConfig``); every call's default."""
+        return default_sampler(self.info.diffusion)
 
     @contextlib.contextmanager
     def _checkout(self, cfg: LoopConfig) -> Iterator[FrameLoop]:
@@ -183,7 +190,7 @@ class TalkingHead:
                 while len(self._loops) > MAX_LOOPS:
                     del self._loops[next(iter(self._loops))]
 
-    def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig = SamplerConfig(),
+    def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig | None = None,
                      seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
                      cuda_graph: bool = True) -> Iterator[np.ndarray]:
         """Several videos as one batch of streams: yield uint8 ``[B, S, S, 3]`` per frame index.
@@ -192,7 +199,8 @@ class TalkingHead:
         ``noise`` is given. Streams shorter than the longest repeat their last audio window: keep the
         first ``inputs[b].n_frames`` frames of stream b.
         """
-        cfg = LoopConfig(sampler=sampler, batch=len(inputs), cuda_graph=cuda_graph)
+        cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs), cuda_graph=cuda_graph,
+                         diffusion=self.info.diffusion)
         dev = self.denoiser.device
         if noise is None:
             noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev)
@@ -202,7 +210,7 @@ class TalkingHead:
                                      noise=noise, loop=loop):
                 yield to_uint8_frames(x)
 
-    def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+    def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig | None = None, seed: int = 0,
                      crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
                      cuda_graph: bool = True, on_frame=None) -> RunStats:
         """Write every job's mp4 from one batched loop (one UNet call per step for all of them).
@@ -242,7 +250,7 @@ class TalkingHead:
                         first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat,
                         prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"))
 
-    def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig = SamplerConfig(),
+    def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig | None = None,
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
                allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True,
                on_frame=None) -> RunStats:

@@ -1,12 +1,17 @@
-"""Sampler steps: small pure functions ``(x_t, model_out, tables, k, noise) -> x_{k-1}``.
+"""Sampler steps: small functions ``(x_t, model_out, tables, k, noise, clip, state, i) -> x_{k-1}``.
 
 ``tables`` holds every per-step coefficient as a device tensor, cast once from the float64 schedule,
-so a step does no host work, no host-device copy and no allocation beyond its arithmetic.
+so a step does no host work, no host-device copy and no allocation beyond its arithmetic. ``state`` is
+a tuple of tensors shaped like ``x_t``, preallocated once per loop (multistep solvers keep earlier x0
+predictions there, written in place), and ``i`` counts the steps already taken in this frame (a Python
+int, fixed per captured graph), so a whole frame stays one CUDA graph. ``SAMPLERS`` is the one registry
+of sampler names, their help text and how much state each needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +21,11 @@ from .schedule import Schedule
 
 
 class StepTables(NamedTuple):
-    """Per-step coefficients, each a [n] tensor on the sampling device (timesteps: int64)."""
+    """Per-step coefficients, each a [n] tensor on the sampling device (timesteps: int64).
+
+    ``dpm_*`` hold the DPM-Solver++ / UniPC coefficients in ``lambda = log(alpha / sigma)``
+    (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``), step k going from t_k to t_{k-1}.
+    """
 
     timesteps: torch.Tensor
     sqrt_recip_abar: torch.Tensor
@@ -28,14 +37,56 @@ class StepTables(NamedTuple):
     sqrt_abar_prev: torch.Tensor
     ddim_sigma: torch.Tensor
     ddim_eps_coef: torch.Tensor
+    sqrt_abar: torch.Tensor
+    sqrt_one_minus_abar: torch.Tensor
+    dpm_sigma_ratio: torch.Tensor
+    dpm_coef: torch.Tensor
+    dpm_half_inv_r: torch.Tensor
+    unic_rho_d1: torch.Tensor
+    unic_rho_t: torch.Tensor
+
+
+def _dpm_columns(abar: np.ndarray, abar_prev: np.ndarray) -> dict[str, np.ndarray]:
+    """Exponential-integrator coefficients (Lu et al. 2022 DPM-Solver++, Zhao et al. 2023 UniPC-bh2).
+
+    ``h_k = lambda_{k-1} - lambda_k``; step k: ``x_{k-1} = (sigma_{k-1}/sigma_k) x_k + alpha_{k-1} (1 - e^-h_k) D``
+    with ``D = x0_k + (x0_k - x0_{k+1}) / (2 r_k)``, ``r_k = h_{k+1} / h_k`` (2M). The UniC corrector of
+    x_k (after its model call) uses ``rho_d1`` on ``x0_{k+2} - x0_{k+1}`` and ``rho_t`` on ``x0_k - x0_{k+1}``.
+    Entries that a final step (abar_prev = 1, lambda = inf) would need are 0: that step returns x0.
+    """
+    n = len(abar)
+    lam = 0.5 * np.log(abar / (1 - abar))
+    with np.errstate(divide="ignore"):
+        lam_prev = np.where(abar_prev < 1, 0.5 * np.log(abar_prev / np.maximum(1 - abar_prev, 1e-300)), np.inf)
+    h = lam_prev - lam
+    ratio = np.where(abar_prev < 1, np.sqrt(np.maximum(1 - abar_prev, 0) / (1 - abar)), 0.0)
+    coef = np.sqrt(abar_prev) * -np.expm1(-h)
+    half_inv_r = np.zeros(n)
+    rho_d1, rho_t = np.zeros(n), np.zeros(n)
+    for k in range(1, n - 1):  # r_k needs h_{k+1}; k = 0 is the final (x0) step
+        half_inv_r[k] = h[k] / (2 * h[k + 1])
+    for k in range(0, n - 2):  # corrector of x_k: last step went k+1 -> k with h_{k+1}; history x0_{k+2}
+        hh = -h[k + 1]
+        b_h = np.expm1(hh)
+        phi = np.expm1(hh) / hh - 1
+        b1 = phi / b_h
+        b2 = (phi / hh - 0.5) * 2 / b_h
+        rk = -h[k + 2] / h[k + 1]  # (lambda_{k+2} - lambda_{k+1}) / h_{k+1}
+        r1, r2 = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
+        rho_d1[k], rho_t[k] = r1 / rk, r2  # D1 = (x0_{k+2} - x0_{k+1}) / rk
+    return dict(dpm_sigma_ratio=ratio, dpm_coef=np.where(abar_prev < 1, coef, 0.0), dpm_half_inv_r=half_inv_r,
+                unic_rho_d1=rho_d1, unic_rho_t=rho_t)
 
 
 def make_tables(schedule: Schedule, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                eta: float = 0.0) -> StepTables:
-    """Compute every coefficient in float64 and cast once to ``dtype`` on ``device``."""
+                eta: float = 0.0, authors: dict[str, np.ndarray] | None = None) -> StepTables:
+    """Compute every coefficient in float64 and cast once to ``dtype`` on ``device``.
+
+    ``authors``: :func:`~dheads.engine.schedule.authors_float32_columns` of the same plan; the DDPM/DDIM
+    coefficients are then taken from those float32 tables (the authors' sampler, bit for bit).
+    """
     s = schedule
     abar, abar_prev = s.alphas_cumprod, s.alphas_cumprod_prev
-    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
     cols = dict(
         sqrt_recip_abar=s.sqrt_recip_alphas_cumprod,
         sqrt_recipm1_abar=s.sqrt_recipm1_alphas_cumprod,
@@ -43,9 +94,21 @@ def make_tables(schedule: Schedule, device: torch.device | str = "cpu", dtype: t
         log_beta_tilde=s.posterior_log_variance_clipped,
         mean_coef_x0=s.posterior_mean_coef1,
         mean_coef_xt=s.posterior_mean_coef2,
-        sqrt_abar_prev=s.sqrt_alphas_cumprod_prev,
+    )
+    if authors is not None:
+        cols.update(sqrt_recip_abar=authors["sqrt_recip_alphas_cumprod"],
+                    sqrt_recipm1_abar=authors["sqrt_recipm1_alphas_cumprod"], log_beta=authors["log_betas"],
+                    log_beta_tilde=authors["posterior_log_variance_clipped"],
+                    mean_coef_x0=authors["posterior_mean_coef1"], mean_coef_xt=authors["posterior_mean_coef2"])
+        abar, abar_prev = authors["alphas_cumprod"].astype(np.float64), authors["alphas_cumprod_prev"].astype(np.float64)
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+    cols.update(
+        sqrt_abar_prev=np.sqrt(abar_prev),
         ddim_sigma=sigma,
         ddim_eps_coef=np.sqrt(np.maximum(1 - abar_prev - sigma**2, 0.0)),
+        sqrt_abar=np.sqrt(abar),
+        sqrt_one_minus_abar=np.sqrt(1 - abar),
+        **_dpm_columns(abar, abar_prev),
     )
     t = torch.tensor(np.array(s.timesteps), dtype=torch.int64, device=device)
     return StepTables(timesteps=t, **cast_columns(cols, device, dtype))
@@ -72,11 +135,12 @@ def _split(model_out: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def ddpm_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
-              noise: torch.Tensor | None, clip: bool = True) -> torch.Tensor:
+              noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
     """Ancestral DDPM step with learned-range variance (Nichol & Dhariwal Eq. 15); no noise at k = 0.
 
     ``logvar = nu log(beta) + (1 - nu) log(beta_tilde_clipped)`` with ``nu = (v + 1) / 2``;
-    ``mean = coef_x0 x0 + coef_xt x_t``. Without a variance output, ``logvar = log(beta_tilde_clipped)``.
+    ``mean = coef_x0 x0 + coef_xt x_t``. Without a variance output, ``logvar = log(beta)``, as the authors'
+    code does.
     """
     eps, v = _split(model_out, x_t)
     x0 = predict_x0(x_t, eps, tables, k, clip)
@@ -84,7 +148,7 @@ def ddpm_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k:
     if k == 0 or noise is None:
         return mean
     if v is None:
-        logvar = tables.log_beta_tilde[k]
+        logvar = tables.log_beta[k]
     else:
         nu = (v + 1) * 0.5
         logvar = nu * tables.log_beta[k] + (1 - nu) * tables.log_beta_tilde[k]
@@ -92,7 +156,7 @@ def ddpm_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k:
 
 
 def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
-              noise: torch.Tensor | None, clip: bool = True) -> torch.Tensor:
+              noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
     """DDIM step (Song et al. Eq. 12) with eps re-derived from the clamped x0; eta lives in ``tables``.
 
     ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` (no z at k = 0).
@@ -106,11 +170,86 @@ def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k:
     return x_prev + tables.ddim_sigma[k] * noise
 
 
+def dpmpp_2m_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
+                  noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): data-prediction multistep, first order on a frame's first step.
+
+    ``x_{k-1} = (sigma_{k-1}/sigma_k) x_k + alpha_{k-1}(1 - e^-h) D``; ``D = x0 + (x0 - x0_prev) / (2r)``.
+    ``state = (x0_prev,)``; the final step (k = 0) returns x0.
+    """
+    eps, _ = _split(model_out, x_t)
+    x0 = predict_x0(x_t, eps, tables, k, clip)
+    if k == 0:
+        return x0
+    (x0_prev,) = state
+    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_prev)
+    x_prev = tables.dpm_sigma_ratio[k] * x_t + tables.dpm_coef[k] * d
+    x0_prev.copy_(x0)
+    return x_prev
+
+
+def unipc_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
+               noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
+    """UniPC-bh2, order 2 (Zhao et al. 2023): the UniC corrector refines x_k with the model call just made
+    (no extra call), then the UniP-2 predictor (= the 2M update) steps from the corrected x_k.
+
+    ``state = (x_last, x0_1, x0_2)``: the sample the last step started from and the last two x0.
+    """
+    x_last, x0_1, x0_2 = state
+    eps, _ = _split(model_out, x_t)
+    x0 = predict_x0(x_t, eps, tables, k, clip)
+    if k == 0:
+        return x0
+    if i >= 1:  # UniC: order 1 after one step, 2 after two
+        j = k + 1
+        corr = x0_1 + (0.5 if i == 1 else tables.unic_rho_t[k]) * (x0 - x0_1)
+        if i >= 2:
+            corr = corr + tables.unic_rho_d1[k] * (x0_2 - x0_1)
+        x_t = tables.dpm_sigma_ratio[j] * x_last + tables.dpm_coef[j] * corr
+    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_1)
+    x_prev = tables.dpm_sigma_ratio[k] * x_t + tables.dpm_coef[k] * d
+    x_last.copy_(x_t)
+    x0_2.copy_(x0_1)
+    x0_1.copy_(x0)
+    return x_prev
+
+
 StepFn = Callable[..., torch.Tensor]
-SAMPLERS: dict[str, StepFn] = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its step, how many ``x``-shaped state buffers it keeps, and its help line."""
+
+    name: str
+    step: StepFn
+    state: int
+    help: str
+
+
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
+    SamplerSpec("ddpm", ddpm_step, 0, "ancestral DDPM with learned variance (the authors' sampler)"),
+    SamplerSpec("ddim", ddim_step, 0, "DDIM, deterministic at eta 0"),
+    SamplerSpec("dpmpp_2m", dpmpp_2m_step, 1, "DPM-Solver++(2M), deterministic, second order"),
+    SamplerSpec("unipc", unipc_step, 3, "UniPC-bh2 order 2 (2M predictor + UniC corrector), deterministic"),
+)}
+
+
+def sampler_help() -> str:
+    """One line naming every registered sampler, for CLI help."""
+    return "; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values())
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def get_step(name: str) -> StepFn:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+    return get_sampler(name).step
+
+
+def make_state(spec: SamplerSpec, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The sampler's preallocated per-frame state: ``spec.state`` zeroed tensors shaped like ``like``."""
+    return tuple(torch.zeros_like(like) for _ in range(spec.state))

@@ -104,14 +104,32 @@ def cosine_schedule(num_timesteps: int = 1000) -> Schedule:
     return Schedule(betas=cosine_betas(num_timesteps), timesteps=np.arange(num_timesteps, dtype=np.int64))
 
 
+SCHEDULES = {"cosine": cosine_schedule}
+
+
+def schedule_for(config) -> Schedule:
+    """The training schedule a :class:`~dheads.engine.config.DiffusionConfig` names (its T and kind)."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown diffusion schedule {config.schedule!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[config.schedule](config.num_timesteps)
+
+
 def respaced_timesteps(num_timesteps: int, n: int) -> list[int]:
-    """``t_k = round(k * (T-1)/(n-1))`` with Python's round: 0, 10, 20, ..., 989, 999 for n=100."""
+    """The authors' running-sum rule: ``stride = (T-1)/(n-1)``; ``t_k = round(cur)``, ``cur += stride``.
+
+    0, 10, 20, ..., 989, 999 for n = 100. Not ``round(k * stride)``: the accumulated float sum differs
+    from the product by one timestep for 278 of the counts 2..1000 (n = 21, k = 10: 499, not 500).
+    """
     if not 1 <= n <= num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {n}")
     if n == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (n - 1)
-    return [round(k * stride) for k in range(n)]
+    cur, out = 0.0, []
+    for _ in range(n):
+        out.append(round(cur))
+        cur += stride
+    return out
 
 
 def respace(schedule: Schedule, n: int) -> Schedule:
@@ -121,3 +139,36 @@ def respace(schedule: Schedule, n: int) -> Schedule:
     prev = np.append(1.0, abar[use][:-1])
     betas = 1.0 - abar[use] / prev
     return Schedule(betas=betas, timesteps=schedule.timesteps[use].copy())
+
+
+def authors_float32_columns(base: Schedule, n: int) -> dict[str, np.ndarray]:
+    """The respaced step coefficients computed the authors' way, in float32 throughout.
+
+    Their code turns the float64 betas into a float32 tensor, takes cumprod and sqrt in float32, respaces
+    from the float32 ``abar`` and recomputes every derived table in float32. Cancellation makes this
+    differ from the float64 tables (17% in ``sqrt(1/abar)`` at the noisiest of 10 steps); use it to
+    reproduce their sampler bit for bit, not for quality.
+    """
+    import torch
+
+    f = torch.float32
+    abar_full = torch.cumprod(1.0 - torch.tensor(np.array(base.betas), dtype=torch.float64).to(f), dim=0)
+    use = respaced_timesteps(len(base), n)
+    last, new = torch.tensor(1.0, dtype=f), []
+    for t in use:
+        new.append(1.0 - abar_full[t] / last)
+        last = abar_full[t]
+    betas = torch.stack(new)
+    alphas = 1.0 - betas
+    abar = torch.cumprod(alphas, dim=0)
+    abar_prev = torch.cat([torch.ones(1, dtype=f), abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    clipped = torch.cat([post_var[1:2], post_var[1:]]) if n > 1 else betas
+    cols = dict(
+        betas=betas, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev,
+        sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / abar), sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / abar - 1),
+        log_betas=torch.log(betas), posterior_log_variance_clipped=torch.log(clipped),
+        posterior_mean_coef1=betas * torch.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * torch.sqrt(alphas) / (1.0 - abar),
+    )
+    return {k: v.numpy() for k, v in cols.items()}

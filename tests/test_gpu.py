@@ -28,10 +28,12 @@ def _run(den, ident, audio, noise, sampler, graph):
     return torch.cat(list(generate_frames(den, ident, audio, config=cfg, noise=noise)))
 
 
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("sampler", [SamplerConfig("ddpm", 20), SamplerConfig("unipc", 20),
+                                     SamplerConfig("dpmpp_2m", 20, warm_steps=5)])
+def test_cuda_graph_replay_equals_eager(sampler):
+    """Multistep state buffers and the warm-start graph (a second capture) replay like eager."""
     net = _model(SMALL)
     den = TorchDenoiser(net, device="cuda")
-    sampler = SamplerConfig("ddpm", 20)
     g = torch.Generator().manual_seed(0)
     ident, audio = torch.rand(1, 3, 32, 32, generator=g).cuda() * 2 - 1, torch.randn(6, 32, generator=g)
     noise = torch.randn(6, 21, 1, 3, 32, 32, generator=g)

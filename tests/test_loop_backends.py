@@ -31,7 +31,8 @@ def _frames(den, sampler, seed=11):
     return torch.cat(list(generate_frames(den, ident, audio, config=LoopConfig(sampler=sampler), seed=seed)))
 
 
-@pytest.mark.parametrize("sampler", [SamplerConfig("ddpm", 10), SamplerConfig("ddim", 10)])
+@pytest.mark.parametrize("sampler", [SamplerConfig("ddpm", 10), SamplerConfig("ddim", 10), SamplerConfig("dpmpp_2m", 10),
+                                     SamplerConfig("unipc", 10, warm_steps=4)])
 def test_loop_pytorch_equals_onnxruntime_fp32(exported, sampler):
     ckpt, result = exported
     torch_den, info_t = open_denoiser(ckpt)

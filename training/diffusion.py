@@ -12,9 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from dheads.engine.config import DiffusionConfig
 from dheads.engine.sampling import cast_columns
-from dheads.engine.schedule import Schedule, cosine_schedule
+from dheads.engine.schedule import Schedule, schedule_for  # noqa: F401  (schedule_for: re-exported)
 
 LOG2 = math.log(2.0)
 
@@ -36,13 +35,6 @@ class DiffusionTables(NamedTuple):
     @property
     def num_timesteps(self) -> int:
         return self.sqrt_alphas_cumprod.shape[0]
-
-
-def schedule_for(config: DiffusionConfig) -> Schedule:
-    """The training schedule a DiffusionConfig names (only the cosine schedule exists)."""
-    if config.schedule != "cosine":
-        raise ValueError(f"unknown diffusion schedule {config.schedule!r}; only 'cosine' is implemented")
-    return cosine_schedule(config.num_timesteps)
 
 
 def make_tables(schedule: Schedule, device: torch.device | str = "cpu",

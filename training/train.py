@@ -494,7 +494,7 @@ def write_preview(ckpt: Checkpoint, data: str | os.PathLike, path: str | os.Path
     net = ckpt.build(ema=ema, device=device)
     cfg = SamplerConfig(name=sampler, steps=min(steps, ckpt.diffusion.num_timesteps))
     gen = generate_reference(net, identity.to(device), emb.to(device), sampler=cfg,
-                             num_timesteps=ckpt.diffusion.num_timesteps, seed=seed).cpu()
+                             diffusion=ckpt.diffusion, seed=seed).cpu()
     side = torch.cat([gen, real], dim=3)  # generated | real
     rgb = to_uint8_frames(side)
     path = Path(path)

@@ -1,0 +1,103 @@
+"""The sampling plan: which original timesteps a frame visits and with which coefficients, from the artifact.
+
+Built once from the engine's recorded :class:`DiffusionConfig` (T, schedule kind, default sampler and
+steps) and an optional :class:`SamplerConfig` override. The frame loop, the reference loop, dh-bench
+and training's preview all take their schedule from here; ``denoise_frame`` is the one loop contract
+they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import DiffusionConfig, SamplerConfig
+from .sampling import SamplerSpec, StepTables, get_sampler, make_state, make_tables
+from .schedule import Schedule, authors_float32_columns, respace, schedule_for
+
+
+def default_sampler(diffusion: DiffusionConfig) -> SamplerConfig:
+    """The sampler and step count an artifact records as its default."""
+    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps)
+
+
+# Named sampler choices. "quality": the artifact's own default. "realtime": the fewest UNet calls per frame
+# whose quality matched 100-step DDPM on the frontier (benchmarks/results/frontier_*.md, README "Sampling").
+PRESETS: dict[str, SamplerConfig | None] = {
+    "quality": None,
+    "realtime": SamplerConfig(name="dpmpp_2m", steps=10),
+}
+
+
+def preset_sampler(name: str, diffusion: DiffusionConfig) -> SamplerConfig:
+    """The sampler a preset names for an artifact (``quality``: its recorded default)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name] or default_sampler(diffusion)
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """A respaced schedule (float64) for one sampler, and where a frame starts on it."""
+
+    diffusion: DiffusionConfig
+    sampler: SamplerConfig
+    base: Schedule
+    schedule: Schedule
+
+    @property
+    def steps(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def spec(self) -> SamplerSpec:
+        return get_sampler(self.sampler.name)
+
+    def start(self, warm: bool) -> int:
+        """Respaced index a frame's first step runs at: n-1 from pure noise, ``warm_steps - 1`` warm."""
+        w = self.sampler.warm_steps
+        return w - 1 if warm and 0 < w < self.steps else self.steps - 1
+
+    def calls(self, warm: bool = False) -> int:
+        """UNet calls per frame."""
+        return self.start(warm) + 1
+
+    def tables(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StepTables:
+        authors = authors_float32_columns(self.base, self.steps) if self.sampler.tables == "authors" else None
+        return make_tables(self.schedule, device, dtype, eta=self.sampler.eta, authors=authors)
+
+
+def make_plan(diffusion: DiffusionConfig = DiffusionConfig(), sampler: SamplerConfig | None = None) -> SamplingPlan:
+    """The plan for an artifact's ``diffusion`` config; ``sampler`` None = the artifact's default."""
+    sampler = sampler or default_sampler(diffusion)
+    if sampler.steps > diffusion.num_timesteps:
+        raise ValueError(f"steps must be in 1..{diffusion.num_timesteps} for this model "
+                         f"(trained with T = {diffusion.num_timesteps}), got {sampler.steps}")
+    base = schedule_for(diffusion)
+    return SamplingPlan(diffusion=diffusion, sampler=sampler, base=base, schedule=respace(base, sampler.steps))
+
+
+ModelFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def warm_start(x: torch.Tensor, prev: torch.Tensor, z: torch.Tensor, tables: StepTables, k: int) -> torch.Tensor:
+    """``x_t = sqrt(abar_k) prev + sqrt(1 - abar_k) z``, written into ``x``: the previous frame, noised."""
+    return x.copy_(tables.sqrt_abar[k] * prev + tables.sqrt_one_minus_abar[k] * z)
+
+
+def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: StepTables, noise: torch.Tensor,
+                  state: tuple[torch.Tensor, ...], start: int) -> torch.Tensor:
+    """The loop contract: ``for k = start..0: x = step(x, model(x, k), tables, k, noise[1 + k], clip, state, i)``.
+
+    ``x``: x at respaced step ``start`` [B, 3, H, W]; ``noise``: the frame's [1 + n, B, 3, H, W] noise.
+    """
+    step, clip = plan.spec.step, plan.sampler.clip_denoised
+    for i, k in enumerate(range(start, -1, -1)):
+        x = step(x, model(x, k), tables, k, noise[1 + k], clip, state, i)
+    return x
+
+
+__all__ = ["PRESETS", "SamplingPlan", "default_sampler", "denoise_frame", "make_plan", "make_state", "preset_sampler",
+           "warm_start"]

@@ -1,0 +1,133 @@
+"""The sampling plan from the artifact: the authors' respacing rule, T from the DiffusionConfig, the
+authors' float32 tables (bit for bit), log(beta) without a variance output, the library's defaults."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dheads.engine.backends.pytorch import TorchDenoiser
+from dheads.engine.config import SMALL, DiffusionConfig, SamplerConfig
+from dheads.engine.generate import FrameLoop, LoopConfig, generate_frames
+from dheads.engine.model import random_unet
+from dheads.engine.plan import default_sampler, make_plan
+from dheads.engine.reference import generate_reference
+from dheads.engine.sampling import ddpm_step
+from dheads.engine.schedule import authors_float32_columns, cosine_schedule, respace, respaced_timesteps
+
+from dheads.benchmarks.authors_loop import authors_frame
+
+
+def _official(n: int) -> list[int]:
+    """OFFICIAL_FACTS.md's rule, written out literally: a Python-float running sum, Python round."""
+    stride = 999 / (n - 1)
+    cur, out = 0.0, []
+    for _ in range(n):
+        out.append(round(cur))
+        cur = cur + stride
+    return out
+
+
+def test_respacing_follows_the_running_sum_for_every_n():
+    differs = 0
+    for n in range(2, 1001):
+        ts = respaced_timesteps(1000, n)
+        assert ts == _official(n), n
+        assert len(set(ts)) == n and ts[0] == 0 and ts[-1] == 999
+        differs += ts != [round(k * (999 / (n - 1))) for k in range(n)]  # product rule, same stride
+    assert differs == 278  # the count OFFICIAL_FACTS.md gives for the product rule's mismatches
+    assert respaced_timesteps(1000, 21)[10] == 499  # the product rule gives 500
+    for n in (10, 25, 50, 100, 200):
+        assert respaced_timesteps(1000, n) == [round(k * (999 / (n - 1))) for k in range(n)]
+
+
+def test_plan_uses_the_artifacts_num_timesteps():
+    plan = make_plan(DiffusionConfig(num_timesteps=500, sampling_steps=10))
+    assert plan.steps == 10 and plan.sampler == default_sampler(plan.diffusion)
+    assert plan.schedule.timesteps.tolist() == respaced_timesteps(500, 10)
+    assert plan.schedule.timesteps[-1] == 499
+    np.testing.assert_allclose(plan.schedule.alphas_cumprod, cosine_schedule(500).alphas_cumprod[plan.schedule.timesteps])
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.500 for this model"):
+        make_plan(DiffusionConfig(num_timesteps=500), SamplerConfig(steps=600))
+
+
+def test_frame_loop_and_reference_sample_with_the_artifacts_T():
+    model = random_unet(SMALL, std=0.05)
+    d = DiffusionConfig(num_timesteps=500, sampling_steps=4, sampler="ddim")
+    loop = FrameLoop(TorchDenoiser(model), LoopConfig(diffusion=d))
+    assert loop.tables.timesteps.tolist() == [0, 166, 333, 499]
+    g = torch.Generator().manual_seed(0)
+    ident, audio = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 32, generator=g)
+    ref = generate_reference(model, ident, audio, diffusion=d, seed=1)
+    got = torch.cat(list(generate_frames(loop.denoiser, ident, audio, config=loop.config, loop=loop, seed=1)))
+    assert torch.equal(got, ref)
+    other = generate_reference(model, ident, audio, sampler=SamplerConfig("ddim", 4), seed=1)  # T = 1000
+    assert not torch.allclose(other, ref)
+
+
+def test_authors_float32_tables_differ_from_float64_as_documented():
+    base = cosine_schedule()
+    for n, key, rel in ((10, "sqrt_recip_alphas_cumprod", 0.17), (100, "log_betas", 1.3e-3)):
+        f32, f64 = authors_float32_columns(base, n)[key], getattr(respace(base, n), key)
+        assert np.max(np.abs(f32 - f64) / np.abs(f64)) == pytest.approx(rel, rel=0.05)
+
+
+@pytest.mark.parametrize("n", [7, 21])
+def test_authors_tables_reproduce_their_sampler_bit_for_bit(n):
+    """0.0 difference: the engine's loop with tables='authors' vs the authors' loop on identical noise."""
+    model = random_unet(SMALL, std=0.05)
+    g = torch.Generator().manual_seed(2)
+    ident, audio = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(1, 32, generator=g)
+    noise = torch.randn(1, n + 1, 1, 3, 32, 32, generator=g)
+    sampler = SamplerConfig("ddpm", n, tables="authors")
+    got = generate_reference(model, ident, audio, sampler=sampler, noise=noise)
+    fast = next(generate_frames(TorchDenoiser(model), ident, audio, config=LoopConfig(sampler=sampler), noise=noise))
+    window = audio[[0, 0, 0, 0, 0]][None]  # frame 0 of a 1-frame clip: every window index clamps to 0
+    theirs = authors_frame(model, cosine_schedule(), n, ident, [ident, ident], window, noise[0, 0], noise=noise[0])
+    assert (got - theirs).abs().max().item() == 0.0
+    assert (fast - theirs).abs().max().item() == 0.0
+    f64 = generate_reference(model, ident, audio, sampler=SamplerConfig("ddpm", n), noise=noise)
+    assert (f64 - theirs).abs().max().item() > 0  # the float64 tables are a (slightly) different sampler
+
+
+def test_ddpm_without_variance_output_uses_log_beta():
+    s = respace(cosine_schedule(), 10)
+    tables = make_plan(sampler=SamplerConfig("ddpm", 10)).tables(dtype=torch.float64)
+    xt = torch.full((1, 3, 1, 1), 0.4, dtype=torch.float64)
+    eps = torch.full((1, 3, 1, 1), 0.2, dtype=torch.float64)
+    z = torch.ones(1, 3, 1, 1, dtype=torch.float64)
+    k = 5
+    out = ddpm_step(xt, eps, tables, k, z)
+    mean = ddpm_step(xt, eps, tables, k, None)
+    assert (out - mean)[0, 0, 0, 0].item() == pytest.approx(math.exp(0.5 * math.log(s.betas[k])), rel=1e-12)
+
+
+def test_library_defaults_to_the_artifacts_sampler():
+    from dheads.engine.pipeline import Inputs, TalkingHead
+
+    model = random_unet(SMALL, std=0.05)
+    d = DiffusionConfig(sampling_steps=3, sampler="ddim")
+
+    class Info:
+        diffusion = d
+
+    head = TalkingHead(TorchDenoiser(model), Info(), encoder=None)
+    assert head.default_sampler == SamplerConfig("ddim", 3)
+    inputs = Inputs(identity=torch.zeros(1, 3, 32, 32), samples=np.zeros(640), audio_emb=torch.randn(2, 32))
+    frames = list(head.frames(inputs, seed=0))
+    assert len(frames) == 2
+    (cfg,) = head._loops
+    assert cfg.sampler == SamplerConfig("ddim", 3) and cfg.diffusion == d
+    assert head._loops[cfg].n_steps == 3
+
+
+def test_cli_help_names_match_the_registries():
+    """dh-run's --help lists samplers and presets without importing torch; the lists are the registries'."""
+    from dheads.engine.cli import PRESET_NAMES, SAMPLER_NAMES
+    from dheads.engine.plan import PRESETS
+    from dheads.engine.sampling import SAMPLERS
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS) and PRESET_NAMES == tuple(PRESETS)
