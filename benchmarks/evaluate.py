@@ -399,3 +399,9 @@ def write_json(path: str | os.PathLike, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     log.info("wrote %s", path)
+
+
+def mouth_signal(frames: list[np.ndarray], size: int = 256) -> np.ndarray:
+    """Per-frame mouth opening (NaN where no face) on frames upscaled to ``size`` px."""
+    big = (cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=cv2.INTER_CUBIC) for f in frames)
+    return frame_signals(big)[0]

@@ -61,7 +61,7 @@ def video_metrics(frames: np.ndarray, identity: np.ndarray, samples: np.ndarray,
     out = colour_stats(frames, identity)
     out["fmse"], out["ofm"] = M.fmse(list(frames)), M.ofm(list(frames))
     if face:
-        from .lipsync_study import mouth_signal
+        from .evaluate import mouth_signal
 
         loud = M.loudness_envelope(samples, 16000, n_frames=len(frames))
         out["lip_corr"] = float(M.lip_sync_proxy(mouth_signal(list(frames)), loud).corr)

@@ -31,7 +31,7 @@ from dheads.engine.audio import load_audio
 from dheads.engine.config import SamplerConfig
 from dheads.engine.pipeline import Inputs, TalkingHead
 
-from .lipsync_study import mouth_signal
+from .evaluate import mouth_signal
 from .metrics import color_metrics, fmse, lip_sync_proxy, loudness_envelope, ofm
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
          strips: Optional[Path] = typer.Option(None)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplerConfig(sampler, steps) if sampler and steps else None
-    result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, seed=seed, long_seconds=long_seconds, strip_dir=strips)
+    result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, seed=seed,
+                   long_seconds=long_seconds, strip_dir=strips)
     text = json.dumps(result, indent=2)
     if out:
         out.write_text(text + "\n")
