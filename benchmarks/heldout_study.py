@@ -122,6 +122,14 @@ def study(clips: list[Path], engine: str | None, *, controls: list[Path] = (), d
             "summary": summary}
 
 
+def emit(result: dict, out: Path | None) -> None:
+    """A study's result as JSON on stdout, and in ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
          control: Optional[list[Path]] = typer.Option(None, help="a clip whose audio is only a control (repeatable)"),
          data: Optional[Path] = typer.Option(None),
@@ -132,10 +140,7 @@ def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
     cfg = SamplerConfig(sampler, steps) if sampler and steps else None
     result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, seed=seed,
                    long_seconds=long_seconds, strip_dir=strips)
-    text = json.dumps(result, indent=2)
-    if out:
-        out.write_text(text + "\n")
-    typer.echo(text)
+    emit(result, out)
 
 
 if __name__ == "__main__":

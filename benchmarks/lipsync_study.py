@@ -8,23 +8,18 @@ Usage: ``python -m dheads.benchmarks.lipsync_study CLIPS_DIR [--engine E] --out 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import typer
 
-from .heldout_study import study
+from .heldout_study import emit, study
 
 
 def main(clips_dir: Path, engine: str = typer.Option(None), out: Path = typer.Option(None), seed: int = 0) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     clips = sorted(p for p in clips_dir.iterdir() if p.suffix.lower() in (".mpg", ".mp4", ".mov"))
-    result = study(clips, engine, seed=seed, long_seconds=0)
-    text = json.dumps(result, indent=2)
-    if out:
-        out.write_text(text + "\n")
-    typer.echo(text)
+    emit(study(clips, engine, seed=seed, long_seconds=0), out)
 
 
 if __name__ == "__main__":

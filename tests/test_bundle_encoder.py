@@ -15,15 +15,16 @@ import warnings
 import av
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from dheads.engine.audio import load_audio
 from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
 from dheads.engine.config import SMALL, AudioConfig
-from dheads.engine.encoders.sda import SDAEncoder, TorchScriptSDA
+from dheads.engine.encoders.sda import TorchScriptSDA
 from dheads.engine.encoders.sda_onnx import OnnxSDA
 from dheads.engine.model import random_unet
+
+from _sda import seeded_sda
 
 runner = CliRunner()
 
@@ -31,12 +32,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def sda_file(tmp_path_factory):
     """A stand-in for the released audio_encoder.pt: a seeded SDA with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    module = SDAEncoder().eval()
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm1d):
-            bn.running_mean.normal_(0.0, 0.1)
-            bn.running_var.uniform_(0.5, 2.0)
+    module = seeded_sda()
     path = tmp_path_factory.mktemp("sda") / "audio_encoder.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

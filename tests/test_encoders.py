@@ -33,6 +33,8 @@ from dheads.engine.encoders.whisper import (
     mel_filters,
 )
 
+from _sda import seeded_sda
+
 SDA_TOL = 1e-5
 
 
@@ -44,13 +46,7 @@ def speech(shared_data) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sda_module() -> SDAEncoder:
-    torch.manual_seed(0)
-    module = SDAEncoder().eval()
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm1d):
-            bn.running_mean.normal_(0.0, 0.1)
-            bn.running_var.uniform_(0.5, 2.0)
-    return module
+    return seeded_sda()
 
 
 @pytest.fixture(scope="module")

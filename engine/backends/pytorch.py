@@ -28,14 +28,15 @@ class TorchDenoiser:
         self.channels_last = channels_last
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device=self.device, dtype=dtype, memory_format=fmt).eval()
+        self.forward = self.model  # what a call runs (the compiled module in CompiledTorchDenoiser)
         self.graph_safe = self.device.type == "cuda"
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, identity: torch.Tensor,
                  motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
         d = self.dtype
-        return self.model(x_t.to(d), timesteps, identity.to(d), motion_frames=motion_frames.to(d),
-                          audio_emb=audio_emb.to(d))
+        return self.forward(x_t.to(d), timesteps, identity.to(d), motion_frames=motion_frames.to(d),
+                            audio_emb=audio_emb.to(d))
 
 
 class CompiledTorchDenoiser(TorchDenoiser):
@@ -55,11 +56,4 @@ class CompiledTorchDenoiser(TorchDenoiser):
                  dtype: torch.dtype = torch.float32, mode: str | None = None):
         super().__init__(model, device=device, dtype=dtype, channels_last=True)
         self.mode = mode
-        self.compiled = torch.compile(self.model, dynamic=False, mode=mode)
-
-    @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, identity: torch.Tensor,
-                 motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
-        d = self.dtype
-        return self.compiled(x_t.to(d), timesteps, identity.to(d), motion_frames=motion_frames.to(d),
-                             audio_emb=audio_emb.to(d))
+        self.forward = torch.compile(self.model, dynamic=False, mode=mode)
