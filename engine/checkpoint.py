@@ -21,6 +21,7 @@ import torch
 from .atomic import atomic_write
 from .config import AudioConfig, DiffusionConfig, ModelConfig
 from .model import ConfigInferenceError, DiffusedHeadsUNet, infer_config
+from .model.anchor import anchor_for
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,23 @@ class Checkpoint:
               dtype: torch.dtype = torch.float32) -> DiffusedHeadsUNet:
         """The UNet with these weights loaded strictly, in eval mode."""
         with torch.device("meta"):
-            net = DiffusedHeadsUNet(self.model)
+            net = DiffusedHeadsUNet(self.model, self.diffusion)
         net.load_state_dict(self.weights(ema), strict=True, assign=True)
         return net.to(device=device, dtype=dtype).eval()
+
+
+def with_color_anchor(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with the identity colour anchor (``engine/model/anchor.py``) added: the same weights, each
+    frame's mean colour now the identity's. Parameter-free, so a trained model needs no retraining; the
+    anchor's schedule table is added to both state_dicts. ValueError if ``ckpt`` has an anchor already."""
+    if ckpt.model.color_anchor != "none":
+        raise ValueError(f"the model already has color_anchor = {ckpt.model.color_anchor!r}")
+    model = dataclasses.replace(ckpt.model, color_anchor="identity")
+    table = {f"color_anchor.{k}": v for k, v in anchor_for(model, ckpt.diffusion).state_dict().items()}
+    ema = None if ckpt.ema_state_dict is None else {**ckpt.ema_state_dict, **table}
+    meta = {**ckpt.meta, "color_anchor_added": "identity (no retraining)"}
+    return dataclasses.replace(ckpt, model=model, state_dict={**ckpt.state_dict, **table}, ema_state_dict=ema,
+                               meta=meta)
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, extra: Mapping[str, Any] | None = None) -> Path:

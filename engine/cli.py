@@ -43,10 +43,14 @@ def _summary(stats, out: Path, open_s: float) -> None:
 
 
 def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, crop: str,
-                 max_seconds: float | None, frame: int) -> None:
+                 max_seconds: float | None, frame: int, spacing: str | None = None) -> None:
     """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
+    from .config import SPACINGS
+
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
+    if spacing is not None and spacing not in SPACINGS:
+        raise typer.BadParameter(f"must be one of {', '.join(SPACINGS)}, got {spacing!r}", param_hint="--spacing")
     if steps is not None and steps < 1:
         raise typer.BadParameter(f"must be at least 1, got {steps}", param_hint="--steps")
     if not (math.isfinite(eta) and eta >= 0):
@@ -66,7 +70,7 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
 
 
 def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: str, warm_steps: int,
-                    preset: str | None, head) -> SamplerConfig:
+                    preset: str | None, head, spacing: str | None = None) -> SamplerConfig:
     """The preset's (else the engine's) sampler where a flag is not given; ``--steps`` must fit the model."""
     from .plan import preset_sampler
 
@@ -81,9 +85,9 @@ def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: 
                                  f"got {steps}", param_hint="--steps")
     try:
         return SamplerConfig(name=sampler or base.name, steps=steps, eta=eta, tables=tables,
-                             warm_steps=warm_steps or base.warm_steps)
+                             warm_steps=warm_steps or base.warm_steps, spacing=spacing or base.spacing)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables") from None
+        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables/--spacing") from None
 
 
 @app.command(cls=OneLineErrors)
@@ -100,6 +104,9 @@ def run(
                                            "noised to this respaced step and run only these steps (0 = off)."),
     tables: str = typer.Option("float64", help="Step coefficient tables: float64, or authors (their float32 "
                                                "tables: their sampler bit for bit)."),
+    spacing: Optional[str] = typer.Option(None, help="Which timesteps the steps visit: uniform (the authors' rule) "
+                                                      "or karras (denser at low noise). Default: the preset's, "
+                                                      "else uniform."),
     preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
                                                     "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
@@ -120,14 +127,17 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame)
+    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame, spacing)
     from .errors import USER_ERRORS
     from .pipeline import TalkingHead
     from .threads import parse_threads
     from .video import check_output
 
+    from .config import RuntimeConfig
+
     try:
-        n_threads = parse_threads(threads)
+        runtime = RuntimeConfig(backend=backend, device=device, precision=precision, threads=parse_threads(threads),
+                                cuda_graph=cuda_graph, audio_encoder=None if audio_encoder is None else str(audio_encoder))
     except ValueError as e:
         err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -138,14 +148,12 @@ def run(
             raise FileNotFoundError(f"no such file: {audio}")
         check_output(output, inputs=(face, audio))
         t_open = time.perf_counter()
-        head = TalkingHead.open(engine, backend=backend, device=device, precision=precision,
-                                audio_encoder=audio_encoder, threads=n_threads)
+        head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
-        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head)
+        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing)
         with _progress() as on_frame:
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
-                                max_seconds=max_seconds, allow_silence=allow_silence, cuda_graph=cuda_graph,
-                                on_frame=on_frame)
+                                max_seconds=max_seconds, allow_silence=allow_silence, on_frame=on_frame)
     except USER_ERRORS as e:
         err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

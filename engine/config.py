@@ -51,6 +51,9 @@ class ModelConfig:
     learn_sigma: bool = True
     time_embed_divisor: int = 512  # the authors' non-standard frequency divisor (not model_channels/2)
     groups: int = 32
+    # "identity": each frame's mean colour is the identity frame's (engine/model/anchor.py). Ours only;
+    # the released model has none.
+    color_anchor: str = "none"
 
     @property
     def motion_channels(self) -> int:
@@ -164,7 +167,47 @@ class DiffusionConfig:
         return _from_dict(cls, data)
 
 
+# The precisions an engine computes in (engine/backends/base.py turns a name into a torch dtype).
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how an engine runs, never what it computes: the one value ``dh-run``'s flags become and
+    ``TalkingHead.open`` hands to the backends (checked here, once, before anything loads).
+
+    ``backend`` None: chosen from the artifact (``engine.backends.open_denoiser`` checks the name against its
+    registry). ``device``: ``auto | cpu | cuda | cuda:N``. ``threads`` None: auto (``engine/threads.py``).
+    ``audio_encoder``: a file for models whose encoder is not bundled (the authors' ``audio_encoder.pt``).
+    """
+
+    backend: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None
+    cuda_graph: bool = True
+    audio_encoder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        dev = str(self.device)
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be None (auto) or a positive count, got {self.threads!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        return _from_dict(cls, data)
+
+
 TABLES = ("float64", "authors")
+SPACINGS = ("uniform", "karras")  # engine.schedule.SPACINGS holds the functions
 
 
 @dataclass(frozen=True)
@@ -174,6 +217,8 @@ class SamplerConfig:
     ``tables``: ``float64`` (default) or ``authors`` (their float32 tables, to reproduce their sampler bit
     for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
     noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
+    ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule) or ``karras``
+    (EDM's rho = 7 placement, denser at low noise).
     """
 
     name: str = "ddpm"
@@ -182,6 +227,7 @@ class SamplerConfig:
     clip_denoised: bool = True
     tables: str = "float64"
     warm_steps: int = 0
+    spacing: str = "uniform"
 
     def __post_init__(self) -> None:
         from .sampling import get_sampler  # the one registry of sampler names
@@ -193,6 +239,11 @@ class SamplerConfig:
             raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {self.tables!r}")
         if not 0 <= self.warm_steps <= self.steps:
             raise ValueError(f"warm steps must be in 0..steps ({self.steps}), got {self.warm_steps}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+        if self.tables == "authors" and self.spacing != "uniform":
+            raise ValueError("tables = authors reproduces the authors' sampler, which spaces steps uniformly; "
+                             "use spacing uniform")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

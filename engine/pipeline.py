@@ -22,7 +22,7 @@ import torch
 
 from .audio import AudioError, check_max_seconds, check_silence, load_audio
 from .backends.base import BackendError, Denoiser
-from .config import SamplerConfig
+from .config import RuntimeConfig, SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
 from .noise import NoiseFn, PerStreamNoise
@@ -95,42 +95,44 @@ class Job:
 class TalkingHead:
     """A loaded engine (denoiser + the configs it carries) and the audio encoder it expects."""
 
-    def __init__(self, denoiser: Denoiser, info, encoder):
+    def __init__(self, denoiser: Denoiser, info, encoder, runtime: RuntimeConfig | None = None):
         self.denoiser, self.info, self.encoder = denoiser, info, encoder
+        self.runtime = runtime or RuntimeConfig()
         self._loops: dict[LoopConfig, FrameLoop] = {}  # idle loops, least recently used first
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, engine: str | Path | None = None, *, backend: str | None = None, device: str = "auto",
-             precision: str = "fp32", audio_encoder: str | Path | None = None,
-             threads: int | None = None) -> TalkingHead:
-        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model).
+    def open(cls, engine: str | Path | None = None, runtime: RuntimeConfig | None = None,
+             **overrides) -> TalkingHead:
+        """Load ``engine`` (plan, bundle dir, ONNX, or checkpoint; None = the bundled demo model) to run as
+        ``runtime`` says; keyword ``overrides`` replace its fields (``TalkingHead.open(e, device="cpu")``).
 
         A bundle that holds an exported audio encoder (``audio_encoder.onnx``) runs on it unless
-        ``audio_encoder`` names another file; otherwise the encoder comes from ``load_encoder``.
-        ``threads`` (None = auto, see :mod:`dheads.engine.threads`) go to the engine that runs the UNet
-        and to the Whisper encoder; this sets torch's thread count for the process: ``threads`` when torch
-        runs the UNet on the CPU, else 1 (torch then only does the sampler's arithmetic, and a woken pool
-        costs more than that arithmetic).
+        ``runtime.audio_encoder`` names another file; otherwise the encoder comes from ``load_encoder``.
+        ``runtime.threads`` (None = auto, see :mod:`dheads.engine.threads`) go to the engine that runs the
+        UNet and to the Whisper encoder; this sets torch's thread count for the process: ``threads`` when
+        torch runs the UNet on the CPU, else 1 (torch then only does the sampler's arithmetic, and a woken
+        pool costs more than that arithmetic).
         """
         from . import threads as thread_policy
         from .backends import TORCH_BACKENDS, open_denoiser, pick_device
         from .encoders import load_encoder
 
+        rt = dataclasses.replace(runtime or RuntimeConfig(), **overrides)
         path = Path(engine) if engine is not None else default_engine_path()
-        dev = "auto" if device == "auto" else str(pick_device(device))  # auto: the engine's backend decides
-        policy = thread_policy.runtime_policy(threads, unet_on_torch=True)
-        denoiser, info = open_denoiser(path, backend=backend, device=dev, precision=precision,
+        dev = "auto" if rt.device == "auto" else str(pick_device(rt.device))  # auto: the engine's backend decides
+        policy = thread_policy.runtime_policy(rt.threads, unet_on_torch=True)
+        denoiser, info = open_denoiser(path, backend=rt.backend, device=dev, precision=rt.precision,
                                        intra_op_threads=policy.onnxruntime)
         encoder = None
-        if audio_encoder is None and info.manifest is not None:  # a bundle runs on the encoder it carries
+        if rt.audio_encoder is None and info.manifest is not None:  # a bundle runs on the encoder it carries
             from .encoders.sda_onnx import bundled_encoder
 
             encoder = bundled_encoder(info.manifest, path if path.is_dir() else path.parent)
         audio = info.audio
         if audio.encoder == "whisper" and "threads" not in audio.options:
             audio = dataclasses.replace(audio, options={**audio.options, "threads": policy.onnxruntime})
-        encoder = encoder or load_encoder(audio, audio_encoder)
+        encoder = encoder or load_encoder(audio, rt.audio_encoder)
         # After the encoder: CTranslate2 sets the process's OpenMP thread count when it loads a model.
         on_torch = info.backend in TORCH_BACKENDS and denoiser.device.type == "cpu"
         thread_policy.apply(dataclasses.replace(policy, torch=policy.onnxruntime if on_torch else 1))
@@ -138,7 +140,7 @@ class TalkingHead:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
                                f"another audio encoder")
-        return cls(denoiser, info, encoder)
+        return cls(denoiser, info, encoder, rt)
 
     def prepare(self, face: str | Path, audio: str | Path, *, crop: str = "auto", frame: int = 0,
                 max_seconds: float | None = None, allow_silence: bool = False) -> Inputs:
@@ -159,7 +161,7 @@ class TalkingHead:
         return Inputs(identity=identity, samples=samples, audio_emb=emb)
 
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
-               noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True) -> Iterator[np.ndarray]:
+               noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
         """Yield uint8 frames [S, S, 3] in order as they are generated (streaming). ``sampler`` None: the
         engine's recorded sampler and steps (``default_sampler``)."""
         for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
@@ -192,14 +194,15 @@ class TalkingHead:
 
     def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig | None = None,
                      seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
-                     cuda_graph: bool = True) -> Iterator[np.ndarray]:
+                     cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
         """Several videos as one batch of streams: yield uint8 ``[B, S, S, 3]`` per frame index.
 
         Stream b's noise is seeded with ``seeds[b]`` (default 0 each), as a batch of one would be, unless
         ``noise`` is given. Streams shorter than the longest repeat their last audio window: keep the
         first ``inputs[b].n_frames`` frames of stream b.
         """
-        cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs), cuda_graph=cuda_graph,
+        graph = self.runtime.cuda_graph if cuda_graph is None else cuda_graph  # None: the runtime's choice
+        cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs), cuda_graph=graph,
                          diffusion=self.info.diffusion)
         dev = self.denoiser.device
         if noise is None:
@@ -212,7 +215,7 @@ class TalkingHead:
 
     def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig | None = None, seed: int = 0,
                      crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
-                     cuda_graph: bool = True, on_frame=None) -> RunStats:
+                     cuda_graph: bool | None = None, on_frame=None) -> RunStats:
         """Write every job's mp4 from one batched loop (one UNet call per step for all of them).
 
         Each mp4 is atomic: a failed run leaves none of them behind. Stats count batch steps (frames of
@@ -252,7 +255,7 @@ class TalkingHead:
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig | None = None,
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
-               allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool = True,
+               allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool | None = None,
                on_frame=None) -> RunStats:
         """Write ``out`` (H.264 + AAC, 25 fps): ``render_batch`` of this one video. Nothing exists at ``out``
         unless the whole run succeeded."""

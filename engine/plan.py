@@ -76,7 +76,7 @@ def make_plan(diffusion: DiffusionConfig = DiffusionConfig(), sampler: SamplerCo
         raise ValueError(f"steps must be in 1..{diffusion.num_timesteps} for this model "
                          f"(trained with T = {diffusion.num_timesteps}), got {sampler.steps}")
     base = schedule_for(diffusion)
-    return SamplingPlan(diffusion=diffusion, sampler=sampler, base=base, schedule=respace(base, sampler.steps))
+    return SamplingPlan(diffusion=diffusion, sampler=sampler, base=base, schedule=respace(base, sampler.steps, sampler.spacing))
 
 
 ModelFn = Callable[[torch.Tensor, int], torch.Tensor]

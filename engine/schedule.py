@@ -132,9 +132,39 @@ def respaced_timesteps(num_timesteps: int, n: int) -> list[int]:
     return out
 
 
-def respace(schedule: Schedule, n: int) -> Schedule:
-    """A new schedule over ``n`` of the original steps: ``beta_k = 1 - abar[t_k] / abar[t_{k-1}]``."""
-    use = respaced_timesteps(len(schedule), n)
+KARRAS_SIGMA_MAX = 80.0  # EDM's sigma_max; the cosine schedule's last step has sigma ~ 3e4 (beta clipped at 0.999)
+
+
+def karras_timesteps(schedule: Schedule, n: int, rho: float = 7.0) -> list[int]:
+    """Karras et al.'s placement (EDM, eq. 5) on a discrete schedule: the first step at T-1 (pure noise), the
+    other ``n - 1`` at noise levels ``sigma = sqrt(1/abar - 1)`` uniform in ``sigma**(1/rho)`` from the first
+    timestep's sigma to ``min(KARRAS_SIGMA_MAX, sigma[T-2])``, each mapped to the timestep of nearest log-sigma;
+    ascending and distinct. Without the cap, rho = 7 would put most steps at t > 980 on the cosine schedule,
+    where x_t is noise either way. Denser at low noise than the authors' uniform rule."""
+    t_max = len(schedule) - 1
+    if not 1 <= n <= len(schedule):
+        raise ValueError(f"steps must be in 1..{len(schedule)}, got {n}")
+    if n <= 2:
+        return [0, t_max][2 - n:]
+    log_sigma = np.log(schedule.sqrt_recipm1_alphas_cumprod)  # increasing in t
+    lo = np.exp(log_sigma[0]) ** (1 / rho)
+    hi = min(KARRAS_SIGMA_MAX, float(np.exp(log_sigma[-2]))) ** (1 / rho)
+    targets = np.log((lo + np.linspace(0.0, 1.0, n - 1) * (hi - lo)) ** rho)
+    ts = np.interp(targets, log_sigma, np.arange(len(schedule))).round().astype(int).tolist() + [t_max]
+    ts[0] = 0
+    for k in range(1, n):  # distinct: push up, never past the room the later steps need
+        ts[k] = min(max(ts[k], ts[k - 1] + 1), t_max - (n - 1 - k))
+    return ts
+
+
+SPACINGS = {"uniform": lambda schedule, n: respaced_timesteps(len(schedule), n), "karras": karras_timesteps}
+
+
+def respace(schedule: Schedule, n: int, spacing: str = "uniform") -> Schedule:
+    """A new schedule over ``n`` of the original steps: ``beta_k = 1 - abar[t_k] / abar[t_{k-1}]``.
+
+    ``spacing``: which ``n`` (``SPACINGS``): the authors' uniform running sum, or ``karras``."""
+    use = SPACINGS[spacing](schedule, n)
     abar = schedule.alphas_cumprod
     prev = np.append(1.0, abar[use][:-1])
     betas = 1.0 - abar[use] / prev

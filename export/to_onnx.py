@@ -135,7 +135,7 @@ def _copy_in(model: DiffusedHeadsUNet, dtype: torch.dtype) -> DiffusedHeadsUNet:
     if next(model.parameters()).dtype == dtype:
         return model.eval()
     with torch.device("meta"):
-        clone = DiffusedHeadsUNet(model.config)
+        clone = DiffusedHeadsUNet(model.config, model.diffusion)
     clone.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
     return clone.eval()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import shutil
 
 import onnx
@@ -140,6 +141,20 @@ def test_precision_names_become_dtypes_in_one_place():
     assert [precision_dtype(p) for p in PRECISIONS] == [torch.float32, torch.float16]
     with pytest.raises(BackendError, match=r"^precision must be one of fp32, fp16, got 'bf16'$"):
         precision_dtype("bf16")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"precision": "bf16"}, "precision must be one of fp32, fp16, got 'bf16'"),
+    ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"device": "cuda:x"}, "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ({"threads": 0}, "threads must be None (auto) or a positive count, got 0"),
+    ({"threads": True}, "threads must be None (auto) or a positive count, got True"),
+])
+def test_runtime_config_refuses_bad_fields_in_one_line(fields, message):
+    from dheads.engine.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        RuntimeConfig(**fields)
 
 
 def test_directory_holding_one_checkpoint_opens_it(exported, tmp_path):

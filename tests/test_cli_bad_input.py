@@ -94,6 +94,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
         "sampler foo": ([*ok, "--sampler", "foo"],
                         "Invalid value for --sampler: unknown sampler 'foo'; choose one of ddpm, ddim, dpmpp_2m, unipc"),
         "crop centre": ([*ok, "--crop", "centre"], "Invalid value for --crop: must be 'auto' or 'none', got 'centre'"),
+        "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, got 'log'"),
         "seed 2**70": ([*ok, "--seed", str(2**70)], f"Invalid value for --seed: must be in 0..2**64-1, got {2**70}"),
         "max-seconds nan": ([*ok, "--max-seconds", "nan"],
                             "Invalid value for --max-seconds: must be a positive number of seconds, got nan"),
@@ -123,6 +124,8 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
         "audio with nan": ([face, i / "nan.wav", "--engine", eng, "-o", out / "out.mp4"],
                            f"{i / 'nan.wav'}: 1 of 64000 samples are NaN or infinite (a corrupt float file); "
                            "re-encode it or give another file"),
+        "precision int8": ([*ok, "--precision", "int8"], "precision must be one of fp32, fp16, got 'int8'"),
+        "device gpu": ([*ok, "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         "checkpoint without model_config": ([face, wav, "--engine", i / "no_config.pt", "-o", out / "out.mp4"],
                                             f"{i / 'no_config.pt'}: dheads checkpoint is missing model_config "
                                             "(damaged or edited); save it again with save_checkpoint; or pass a "
@@ -130,10 +133,10 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-RUN_CASES = ["steps 0", "steps -1", "steps 100000", "steps abc", "sampler foo", "crop centre", "seed 2**70",
+RUN_CASES = ["steps 0", "steps -1", "steps 100000", "steps abc", "sampler foo", "crop centre", "spacing log", "seed 2**70",
              "max-seconds nan", "max-seconds -3", "unknown option", "output is the face", "output is the audio",
              "output under a file", "output name too long", "face is a folder", "wav as face", "truncated png",
-             "audio with inf", "audio with nan", "checkpoint without model_config"]
+             "audio with inf", "audio with nan", "precision int8", "device gpu", "checkpoint without model_config"]
 
 
 @pytest.mark.parametrize("case", RUN_CASES)

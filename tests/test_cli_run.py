@@ -180,6 +180,20 @@ def test_render_batch_equals_each_video_rendered_alone(shared_data, engine, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]
 
 
+def test_talking_head_runs_as_its_runtime_config_says(engine):
+    """One RuntimeConfig value reaches the backend; keyword overrides replace its fields; it round-trips."""
+    import json
+
+    from dheads.engine.config import RuntimeConfig
+    from dheads.engine.pipeline import TalkingHead
+
+    rt = RuntimeConfig(device="cpu", threads=2, cuda_graph=False)
+    assert RuntimeConfig.from_dict(json.loads(json.dumps(rt.to_dict()))) == rt
+    head = TalkingHead.open(engine, rt, threads=1)
+    assert head.runtime == RuntimeConfig(device="cpu", threads=1, cuda_graph=False)
+    assert head.info.backend == "pytorch" and torch.get_num_threads() == 1  # torch runs the UNet: --threads
+
+
 def test_render_batch_failure_leaves_no_file(shared_data, engine, tmp_path):
     from dheads.engine.audio import AudioError
     from dheads.engine.pipeline import Job, TalkingHead

@@ -131,3 +131,35 @@ def test_cli_help_names_match_the_registries():
     from dheads.engine.sampling import SAMPLERS
 
     assert SAMPLER_NAMES == tuple(SAMPLERS) and PRESET_NAMES == tuple(PRESETS)
+
+
+def test_karras_spacing_for_every_n():
+    """Distinct ascending timesteps from 0 to T-1; below the start, the sigmas follow EDM's rho = 7 rule
+    (uniform in sigma**(1/7), up to sigma 80) to within the rounding to whole timesteps."""
+    import numpy as np
+
+    from dheads.engine.schedule import KARRAS_SIGMA_MAX, cosine_schedule, karras_timesteps
+
+    base = cosine_schedule()
+    sigma = base.sqrt_recipm1_alphas_cumprod
+    for n in range(1, 1001):
+        ts = karras_timesteps(base, n)
+        assert len(ts) == n and ts[-1] == 999 and (n == 1 or ts[0] == 0), n
+        assert all(a < b for a, b in zip(ts, ts[1:])), n
+    ts = karras_timesteps(base, 10)
+    root = sigma[ts[:-1]] ** (1 / 7)
+    want = np.linspace(sigma[0] ** (1 / 7), KARRAS_SIGMA_MAX ** (1 / 7), 9)
+    assert np.allclose(root, want, rtol=0.03)  # one timestep is ~1-3% of sigma**(1/7) here
+    assert ts == [0, 27, 164, 507, 802, 921, 965, 983, 991, 999]
+
+
+def test_karras_plan_visits_its_timesteps_and_refuses_the_authors_tables():
+    from dheads.engine.plan import make_plan
+    from dheads.engine.schedule import cosine_schedule, karras_timesteps
+
+    plan = make_plan(DiffusionConfig(), SamplerConfig("dpmpp_2m", 6, spacing="karras"))
+    assert plan.schedule.timesteps.tolist() == karras_timesteps(cosine_schedule(), 6)
+    with pytest.raises(ValueError, match=r"^spacing must be one of uniform, karras, got 'log'$"):
+        SamplerConfig("ddpm", 10, spacing="log")
+    with pytest.raises(ValueError, match="use spacing uniform"):
+        SamplerConfig("ddpm", 10, tables="authors", spacing="karras")

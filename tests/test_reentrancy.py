@@ -40,3 +40,33 @@ def test_interleaved_generators_equal_each_stream_alone(tmp_path):
         for i, (x, y) in enumerate(zip(got, alone)):
             assert np.array_equal(x, y), f"frame {i} differs by up to {np.abs(x.astype(int) - y).max()}/255"
     assert len(head._loops) == 1  # both loops went back; one is kept per config
+
+
+_RUN = """
+import hashlib, sys
+import numpy as np
+from dheads.engine.config import SamplerConfig
+from dheads.engine.pipeline import TalkingHead
+head = TalkingHead.open(None, device="cpu", threads=int(sys.argv[1]))
+x = head.prepare(sys.argv[2], sys.argv[3], max_seconds=0.6)
+frames = np.stack(list(head.frames(x, sampler=SamplerConfig("ddpm", 4), seed=3)))
+print(hashlib.sha256(x.audio_emb.numpy().tobytes()).hexdigest(), hashlib.sha256(frames.tobytes()).hexdigest())
+"""
+
+
+def test_same_seed_same_video_across_processes_and_thread_counts():
+    """The demo (ONNX Runtime + Whisper on CTranslate2) in two processes, 1 and 2 threads: the same
+    features and the same frames, bit for bit (the README's seed promise)."""
+    import subprocess
+    import sys
+
+    from dheads.engine.pipeline import default_engine_path
+
+    ex = default_engine_path().parent / "examples"
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN, str(n), str(ex / "face.png"), str(ex / "speech.wav")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+    outs = [p.communicate(timeout=300) for p in procs]  # at once: each also runs while the other loads
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-2000:]
+    first, second = (stdout.split() for stdout, _ in outs)
+    assert len(first) == 2 and first == second

@@ -199,6 +199,27 @@ def health(
         raise typer.Exit(1)
 
 
+@app.command()
+def anchor(
+    checkpoint: Annotated[Path, typer.Argument(help="a dheads checkpoint (e.g. RUN/last.pt)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the anchored checkpoint to write")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Add the identity colour anchor to a trained model (no retraining): each frame's mean colour becomes
+    the identity frame's, so the video cannot flicker or drift in colour (README "Colour and drift")."""
+    _setup_logging(verbose)
+    from dheads.engine.checkpoint import load_checkpoint, save_checkpoint, with_color_anchor
+
+    if out.resolve() == checkpoint.resolve():
+        _fail(f"output {out} is the input checkpoint; choose another path")
+    try:
+        anchored = with_color_anchor(load_checkpoint(checkpoint))
+        save_checkpoint(out, anchored)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} (color_anchor = identity)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dh-train`` console script."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="dh-train")

@@ -254,7 +254,7 @@ class Trainer:
         self.tables = make_tables(schedule_for(cfg.diffusion), self.dist.device)
 
         self.health_batch = self._health_batch() if self.dist.is_main else None
-        self.model = DiffusedHeadsUNet(cfg.model).to(self.dist.device)
+        self.model = DiffusedHeadsUNet(cfg.model, cfg.diffusion).to(self.dist.device)
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,

@@ -11,10 +11,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..config import ModelConfig
+from ..config import PRECISIONS, ModelConfig
 
-# The precisions an engine computes in, and the one place a precision name becomes a torch dtype.
-PRECISIONS = ("fp32", "fp16")
+# The one place a precision name (config.PRECISIONS) becomes a torch dtype.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DiffusionConfig, ModelConfig
+from .anchor import anchor_for
 from .blocks import AttentionBlock, CondSequential, GroupNorm32, ResBlock, TimeEmbed
 
 
@@ -15,9 +16,11 @@ class DiffusedHeadsUNet(nn.Module):
     Called like the authors' TorchScript: ``net(x, timesteps, x_cond, motion_frames=, audio_emb=)``.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, diffusion: DiffusionConfig | None = None):
+        """``diffusion``: the schedule the model is trained and sampled with; needed (and recorded as
+        ``self.diffusion``) only by a ``color_anchor`` model, whose output depends on it."""
         super().__init__()
-        self.config = config
+        self.config, self.diffusion = config, diffusion
         mc, emb_dim = config.model_channels, 4 * config.model_channels
         self.time_embed = TimeEmbed(mc, emb_dim, config.time_embed_divisor)
         self.audio_embed = nn.Sequential(
@@ -35,6 +38,7 @@ class DiffusedHeadsUNet(nn.Module):
         )
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
+        self.color_anchor = anchor_for(config, diffusion)
 
     def _res(self, ch: int, emb_dim: int, out: int, **kw) -> ResBlock:
         return ResBlock(ch, emb_dim, out, dropout=self.config.dropout, groups=self.config.groups, **kw)
@@ -88,16 +92,18 @@ class DiffusedHeadsUNet(nn.Module):
         h = self.middle_block(h, t_emb, a_emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), t_emb, a_emb)
-        return self.out(h)
+        out = self.out(h)
+        return out if self.color_anchor is None else self.color_anchor(out, x, x_cond, timesteps)
 
 
-def random_unet(config: ModelConfig, *, seed: int = 0, std: float = 0.02) -> DiffusedHeadsUNet:
+def random_unet(config: ModelConfig, *, seed: int = 0, std: float = 0.02,
+                diffusion: DiffusionConfig | None = None) -> DiffusedHeadsUNet:
     """A UNet in eval mode with every parameter drawn from N(0, std), for benchmarks and parity checks.
 
     A freshly initialised model would not do: its zero-initialised output convs make every output 0.
     """
     g = torch.Generator().manual_seed(seed)
-    net = DiffusedHeadsUNet(config).eval()
+    net = DiffusedHeadsUNet(config, diffusion).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, std, generator=g)
