@@ -18,7 +18,7 @@ from .cli_errors import OneLineErrors
 from .config import SamplerConfig
 # Sampler and preset names for --help without importing torch (the registries: engine.sampling.SAMPLERS,
 # engine.plan.PRESETS; tests/test_plan.py checks these lists against them).
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "unipc")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 PRESET_NAMES = ("quality", "realtime")
 
 T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)

@@ -24,7 +24,8 @@ class StepTables(NamedTuple):
     """Per-step coefficients, each a [n] tensor on the sampling device (timesteps: int64).
 
     ``dpm_*`` hold the DPM-Solver++ / UniPC coefficients in ``lambda = log(alpha / sigma)``
-    (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``), step k going from t_k to t_{k-1}.
+    (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``), step k going from t_k to t_{k-1}; ``dpm_sde_*``
+    those of the SDE variant.
     """
 
     timesteps: torch.Tensor
@@ -42,6 +43,9 @@ class StepTables(NamedTuple):
     dpm_sigma_ratio: torch.Tensor
     dpm_coef: torch.Tensor
     dpm_half_inv_r: torch.Tensor
+    dpm_sde_ratio: torch.Tensor
+    dpm_sde_coef: torch.Tensor
+    dpm_sde_noise: torch.Tensor
     unic_rho_d1: torch.Tensor
     unic_rho_t: torch.Tensor
 
@@ -74,7 +78,12 @@ def _dpm_columns(abar: np.ndarray, abar_prev: np.ndarray) -> dict[str, np.ndarra
         rk = -h[k + 2] / h[k + 1]  # (lambda_{k+2} - lambda_{k+1}) / h_{k+1}
         r1, r2 = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
         rho_d1[k], rho_t[k] = r1 / rk, r2  # D1 = (x0_{k+2} - x0_{k+1}) / rk
-    return dict(dpm_sigma_ratio=ratio, dpm_coef=np.where(abar_prev < 1, coef, 0.0), dpm_half_inv_r=half_inv_r,
+    live = abar_prev < 1
+    decay = np.where(live, np.exp(-np.where(live, h, 0.0)), 0.0)  # e^-h; the SDE step scales x_k by ratio e^-h
+    grow = np.where(live, -np.expm1(-2 * np.where(live, h, 0.0)), 0.0)  # 1 - e^-2h
+    return dict(dpm_sigma_ratio=ratio, dpm_coef=np.where(live, coef, 0.0), dpm_half_inv_r=half_inv_r,
+                dpm_sde_ratio=ratio * decay, dpm_sde_coef=np.sqrt(abar_prev) * grow,
+                dpm_sde_noise=np.where(live, np.sqrt(np.maximum(1 - abar_prev, 0)) * np.sqrt(grow), 0.0),
                 unic_rho_d1=rho_d1, unic_rho_t=rho_t)
 
 
@@ -188,6 +197,25 @@ def dpmpp_2m_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables
     return x_prev
 
 
+def dpmpp_2m_sde_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
+                      noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, the SDE solver with the 2M midpoint correction):
+    ``x_{k-1} = (sigma_{k-1}/sigma_k) e^-h x_k + alpha_{k-1}(1 - e^-2h) D + sigma_{k-1} sqrt(1 - e^-2h) z``,
+    ``D`` as in 2M. ``state = (x0_prev,)``; the final step (k = 0) returns x0.
+    """
+    eps, _ = _split(model_out, x_t)
+    x0 = predict_x0(x_t, eps, tables, k, clip)
+    if k == 0:
+        return x0
+    (x0_prev,) = state
+    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_prev)
+    x_prev = tables.dpm_sde_ratio[k] * x_t + tables.dpm_sde_coef[k] * d
+    if noise is not None:
+        x_prev = x_prev + tables.dpm_sde_noise[k] * noise
+    x0_prev.copy_(x0)
+    return x_prev
+
+
 def unipc_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
                noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
     """UniPC-bh2, order 2 (Zhao et al. 2023): the UniC corrector refines x_k with the model call just made
@@ -231,6 +259,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", ddpm_step, 0, "ancestral DDPM with learned variance (the authors' sampler)"),
     SamplerSpec("ddim", ddim_step, 0, "DDIM, deterministic at eta 0"),
     SamplerSpec("dpmpp_2m", dpmpp_2m_step, 1, "DPM-Solver++(2M), deterministic, second order"),
+    SamplerSpec("dpmpp_2m_sde", dpmpp_2m_sde_step, 1, "DPM-Solver++(2M) SDE, stochastic, second order"),
     SamplerSpec("unipc", unipc_step, 3, "UniPC-bh2 order 2 (2M predictor + UniC corrector), deterministic"),
 )}
 

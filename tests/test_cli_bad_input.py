@@ -92,7 +92,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
                       "Invalid value for '--steps': Input should be a valid integer, unable to parse string as an "
                       "integer"),
         "sampler foo": ([*ok, "--sampler", "foo"],
-                        "Invalid value for --sampler: unknown sampler 'foo'; choose one of ddpm, ddim, dpmpp_2m, unipc"),
+                        "Invalid value for --sampler: unknown sampler 'foo'; choose one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
         "crop centre": ([*ok, "--crop", "centre"], "Invalid value for --crop: must be 'auto' or 'none', got 'centre'"),
         "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, got 'log'"),
         "seed 2**70": ([*ok, "--seed", str(2**70)], f"Invalid value for --seed: must be in 0..2**64-1, got {2**70}"),

@@ -79,4 +79,4 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     r = CliRunner().invoke(app, [str(clip), "--samplers", "euler"])
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [("dh-frontier: error: unknown sampler 'euler'; choose one of "
-                                         "ddpm, ddim, dpmpp_2m, unipc")]
+                                         "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc")]
