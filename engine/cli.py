@@ -43,10 +43,14 @@ def _summary(stats, out: Path, open_s: float) -> None:
 
 
 def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, crop: str,
-                 max_seconds: float | None, frame: int, spacing: str | None = None) -> None:
+                 max_seconds: float | None, frame: int, spacing: str | None = None,
+                 frame_noise: str | None = None) -> None:
     """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
-    from .config import SPACINGS
+    from .config import FRAME_NOISE, SPACINGS
 
+    if frame_noise is not None and frame_noise not in FRAME_NOISE:
+        raise typer.BadParameter(f"must be one of {', '.join(FRAME_NOISE)}, got {frame_noise!r}",
+                                 param_hint="--frame-noise")
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
     if spacing is not None and spacing not in SPACINGS:
@@ -70,7 +74,8 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
 
 
 def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: str, warm_steps: int,
-                    preset: str | None, head, spacing: str | None = None) -> SamplerConfig:
+                    preset: str | None, head, spacing: str | None = None,
+                    frame_noise: str | None = None) -> SamplerConfig:
     """The preset's (else the engine's) sampler where a flag is not given; ``--steps`` must fit the model."""
     from .plan import preset_sampler
 
@@ -85,9 +90,10 @@ def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: 
                                  f"got {steps}", param_hint="--steps")
     try:
         return SamplerConfig(name=sampler or base.name, steps=steps, eta=eta, tables=tables,
-                             warm_steps=warm_steps or base.warm_steps, spacing=spacing or base.spacing)
+                             warm_steps=warm_steps or base.warm_steps, spacing=spacing or base.spacing,
+                             frame_noise=frame_noise or base.frame_noise)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables/--spacing") from None
+        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables/--spacing/--frame-noise") from None
 
 
 @app.command(cls=OneLineErrors)
@@ -107,6 +113,10 @@ def run(
     spacing: Optional[str] = typer.Option(None, help="Which timesteps the steps visit: uniform (the authors' rule) "
                                                       "or karras (denser at low noise). Default: the preset's, "
                                                       "else uniform."),
+    frame_noise: Optional[str] = typer.Option(None, help="fresh: new noise every frame (the authors' way); repeat: "
+                                                          "every frame reuses frame 0's noise, so frames differ only "
+                                                          "where their audio and motion do. Default: the preset's, "
+                                                          "else fresh."),
     preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
                                                     "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
@@ -127,7 +137,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame, spacing)
+    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame, spacing, frame_noise)
     from .errors import USER_ERRORS
     from .pipeline import TalkingHead
     from .threads import parse_threads
@@ -150,7 +160,7 @@ def run(
         t_open = time.perf_counter()
         head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
-        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing)
+        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing, frame_noise)
         with _progress() as on_frame:
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
                                 max_seconds=max_seconds, allow_silence=allow_silence, on_frame=on_frame)

@@ -208,6 +208,7 @@ class RuntimeConfig:
 
 TABLES = ("float64", "authors")
 SPACINGS = ("uniform", "karras")  # engine.schedule.SPACINGS holds the functions
+FRAME_NOISE = ("fresh", "repeat")
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,9 @@ class SamplerConfig:
     for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
     noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
     ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule) or ``karras``
-    (EDM's rho = 7 placement, denser at low noise).
+    (EDM's rho = 7 placement, denser at low noise). ``frame_noise``: ``fresh`` (each frame draws new
+    noise, the authors' way) or ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
+    differ only where their conditioning does).
     """
 
     name: str = "ddpm"
@@ -228,6 +231,7 @@ class SamplerConfig:
     tables: str = "float64"
     warm_steps: int = 0
     spacing: str = "uniform"
+    frame_noise: str = "fresh"
 
     def __post_init__(self) -> None:
         from .sampling import get_sampler  # the one registry of sampler names
@@ -241,6 +245,8 @@ class SamplerConfig:
             raise ValueError(f"warm steps must be in 0..steps ({self.steps}), got {self.warm_steps}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+        if self.frame_noise not in FRAME_NOISE:
+            raise ValueError(f"frame noise must be one of {', '.join(FRAME_NOISE)}, got {self.frame_noise!r}")
         if self.tables == "authors" and self.spacing != "uniform":
             raise ValueError("tables = authors reproduces the authors' sampler, which spaces steps uniformly; "
                              "use spacing uniform")

@@ -16,13 +16,17 @@ NoiseFn = Callable[[int, torch.Tensor], None]  # (frame index, out buffer) -> fi
 
 
 class SeededNoise:
-    """Fills a frame's noise buffer from a ``torch.Generator`` seeded once per video."""
+    """Fills a frame's noise buffer from a ``torch.Generator`` seeded once per video; ``repeat``: reseeded
+    every frame, so every frame gets frame 0's noise (``SamplerConfig(frame_noise="repeat")``)."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, seed: int, device: torch.device | str = "cpu", repeat: bool = False):
+        self.seed, self.repeat = seed, repeat
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def __call__(self, frame: int, out: torch.Tensor) -> None:
+        if self.repeat:
+            self.generator.manual_seed(self.seed)
         torch.randn(out.shape, generator=self.generator, out=out, device=out.device, dtype=out.dtype)
 
 
@@ -30,8 +34,8 @@ class PerStreamNoise:
     """Stream b of a batch gets exactly the noise ``SeededNoise(seeds[b])`` gives a batch of one, so a
     video made in a batch is the video made alone with its seed (up to batched-kernel rounding)."""
 
-    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
-        self.streams = [SeededNoise(s, device) for s in seeds]
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu", repeat: bool = False):
+        self.streams = [SeededNoise(s, device, repeat) for s in seeds]
         self._one: torch.Tensor | None = None  # [1 + n_steps, 1, 3, H, W] scratch, made on first use
 
     def __call__(self, frame: int, out: torch.Tensor) -> None:
@@ -57,9 +61,10 @@ class TensorNoise:
         out.copy_(self.noise[frame], non_blocking=True)
 
 
-def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device) -> NoiseFn:
+def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, repeat: bool = False) -> NoiseFn:
+    """The caller's noise, else ``SeededNoise(seed)`` (``repeat``: the same noise every frame)."""
     if noise is None:
-        return SeededNoise(seed, device)
+        return SeededNoise(seed, device, repeat)
     if isinstance(noise, torch.Tensor):
         return TensorNoise(noise)
     return noise

@@ -206,7 +206,8 @@ class TalkingHead:
                          diffusion=self.info.diffusion)
         dev = self.denoiser.device
         if noise is None:
-            noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev)
+            noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev,
+                                   repeat=cfg.sampler.frame_noise == "repeat")
         identity = torch.cat([x.identity for x in inputs]).to(dev)
         with self._checkout(cfg) as loop:
             for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,

@@ -95,6 +95,8 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
                         "Invalid value for --sampler: unknown sampler 'foo'; choose one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
         "crop centre": ([*ok, "--crop", "centre"], "Invalid value for --crop: must be 'auto' or 'none', got 'centre'"),
         "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, got 'log'"),
+        "frame-noise same": ([*ok, "--frame-noise", "same"],
+                             "Invalid value for --frame-noise: must be one of fresh, repeat, got 'same'"),
         "seed 2**70": ([*ok, "--seed", str(2**70)], f"Invalid value for --seed: must be in 0..2**64-1, got {2**70}"),
         "max-seconds nan": ([*ok, "--max-seconds", "nan"],
                             "Invalid value for --max-seconds: must be a positive number of seconds, got nan"),
@@ -133,7 +135,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-RUN_CASES = ["steps 0", "steps -1", "steps 100000", "steps abc", "sampler foo", "crop centre", "spacing log", "seed 2**70",
+RUN_CASES = ["steps 0", "steps -1", "steps 100000", "steps abc", "sampler foo", "crop centre", "spacing log", "frame-noise same", "seed 2**70",
              "max-seconds nan", "max-seconds -3", "unknown option", "output is the face", "output is the audio",
              "output under a file", "output name too long", "face is a folder", "wav as face", "truncated png",
              "audio with inf", "audio with nan", "precision int8", "device gpu", "checkpoint without model_config"]

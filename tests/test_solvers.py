@@ -143,3 +143,28 @@ def test_sde_samples_gaussian_data_with_its_mean_and_spread():
     errs = [abs(stds[n] - 0.5) for n in (25, 50, 100)]
     assert errs[0] > errs[1] > errs[2] and abs(stds[200] - 0.5) < 0.01, stds
     assert _sample_sde("dpmpp_2m_sde", 200, 0.5, seed=1).mean().item() == pytest.approx(MU, abs=0.01)
+
+
+def test_repeated_frame_noise_gives_every_frame_the_same_noise_and_matches_the_reference():
+    from dheads.engine.generate import FrameLoop
+    from dheads.engine.noise import SeededNoise
+
+    a, b = torch.empty(4, 1, 3, 8, 8), torch.empty(4, 1, 3, 8, 8)
+    rep, fresh = SeededNoise(7, repeat=True), SeededNoise(7)
+    rep(0, a), rep(1, b)
+    assert torch.equal(a, b)
+    fresh(0, a), fresh(1, b)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"^frame noise must be one of fresh, repeat, got 'same'$"):
+        SamplerConfig("ddpm", 4, frame_noise="same")
+
+    model = random_unet(SMALL, std=0.05)
+    g = torch.Generator().manual_seed(5)
+    ident, audio = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(4, 32, generator=g)
+    sampler = SamplerConfig("ddpm", 3, frame_noise="repeat")
+    ref = generate_reference(model, ident, audio, sampler=sampler, seed=2)
+    loop = FrameLoop(TorchDenoiser(model), LoopConfig(sampler=sampler))
+    got = torch.cat(list(generate_frames(loop.denoiser, ident, audio, config=loop.config, loop=loop, seed=2)))
+    assert torch.equal(got, ref)
+    other = generate_reference(model, ident, audio, sampler=SamplerConfig("ddpm", 3), seed=2)
+    assert torch.equal(other[0], ref[0]) and not torch.equal(other[1:], ref[1:])  # frame 0 is shared
