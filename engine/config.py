@@ -158,6 +158,7 @@ class DiffusionConfig:
     schedule: str = "cosine"
     sampling_steps: int = 100  # the default respacing dh-run uses for this model
     sampler: str = "ddpm"  # the default sampler dh-run uses for this model
+    frame_noise: str = "fresh"  # the default SamplerConfig.frame_noise for this model
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -20,7 +20,7 @@ from .schedule import Schedule, authors_float32_columns, respace, schedule_for
 
 def default_sampler(diffusion: DiffusionConfig) -> SamplerConfig:
     """The sampler and step count an artifact records as its default."""
-    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps)
+    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps, frame_noise=diffusion.frame_noise)
 
 
 # Named sampler choices. "quality": the artifact's own default. "realtime": the fewest UNet calls per frame

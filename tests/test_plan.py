@@ -163,3 +163,10 @@ def test_karras_plan_visits_its_timesteps_and_refuses_the_authors_tables():
         SamplerConfig("ddpm", 10, spacing="log")
     with pytest.raises(ValueError, match="use spacing uniform"):
         SamplerConfig("ddpm", 10, tables="authors", spacing="karras")
+
+
+def test_artifact_records_its_frame_noise():
+    d = DiffusionConfig(sampling_steps=5, sampler="ddpm", frame_noise="repeat")
+    assert default_sampler(d) == SamplerConfig("ddpm", 5, frame_noise="repeat")
+    assert DiffusionConfig.from_dict({"num_timesteps": 1000, "schedule": "cosine", "sampling_steps": 25,
+                                      "sampler": "ddpm"}).frame_noise == "fresh"  # older artifacts
