@@ -101,21 +101,22 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
 
 
-def frontier(head, clips: list[Path], cfg: FrontierConfig) -> dict:
-    """Run the reference seeds and every candidate on ``clips``; return the JSON document."""
+def frontier(head, clips: list[Path], cfg: FrontierConfig, previous: dict | None = None) -> dict:
+    """Run the reference seeds and every candidate on ``clips``; return the JSON document.
+
+    ``previous``: a document of an earlier run on the same engine, clips and settings (reference sampler,
+    seeds, length, face): its reference and rows are kept and only the rows it lacks are run.
+    """
     inputs = [head.prepare(c, c, crop="auto" if cfg.face else "none", max_seconds=cfg.max_seconds) for c in clips]
-    size = head.info.model.image_size
-    real = {}
-    for c, x in zip(clips, inputs):
-        r = real_frames(c, size, cfg.face, x.n_frames)
-        real[c.stem] = {"fmse": M.fmse(list(r)), "ofm": M.ofm(list(r))}
-    ref_cfg = SamplerConfig(*cfg.reference)
-    ref_runs = [_mean_rows([run_one(head, x, ref_cfg, s, cfg.face) for x in inputs]) for s in cfg.seeds]
-    ref = {"sampler": ref_cfg.to_dict(), "seeds": list(cfg.seeds), "runs": ref_runs,
-           "mean": _mean_rows(ref_runs),
-           "spread": {k: max(r[k] for r in ref_runs) - min(r[k] for r in ref_runs) for k in ref_runs[0]}}
-    rows = []
+    if previous is not None:
+        _check_same_setting(previous, clips, cfg)
+        real, ref, rows = previous["real"], previous["reference"], list(previous["rows"])
+    else:
+        real, ref, rows = _real(clips, inputs, head.info.model.image_size, cfg), _reference(head, inputs, cfg), []
+    done = {(r["sampler"], r["steps"], r["warm_steps"]) for r in rows}
     for sampler in cfg.runs():
+        if (sampler.name, sampler.steps, sampler.warm_steps) in done:
+            continue
         calls = sampler.warm_steps or sampler.steps
         m = _mean_rows([run_one(head, x, sampler, cfg.seeds[0], cfg.face) for x in inputs])
         row = {"sampler": sampler.name, "steps": sampler.steps, "warm_steps": sampler.warm_steps,
@@ -123,8 +124,40 @@ def frontier(head, clips: list[Path], cfg: FrontierConfig) -> dict:
         row["matches_reference"] = matches(row, ref)
         rows.append(row)
         log.info("%s %d (warm %d): %s", sampler.name, sampler.steps, sampler.warm_steps, row)
-    return {"clips": [c.stem for c in clips], "config": dataclasses.asdict(cfg), "real": real,
+    config = dataclasses.asdict(cfg)
+    if previous is not None:  # the rows now cover both runs' samplers and calls
+        config = {**config, "samplers": sorted({r["sampler"] for r in rows}),
+                  "calls": sorted({r["steps"] for r in rows if not r["warm_steps"]})}
+    return {"clips": [c.stem for c in clips], "config": config, "real": real,
             "reference": ref, "rows": rows, "realtime": fewest_matching(rows)}
+
+
+def _real(clips: list[Path], inputs, size: int, cfg: FrontierConfig) -> dict:
+    real = {}
+    for c, x in zip(clips, inputs):
+        r = real_frames(c, size, cfg.face, x.n_frames)
+        real[c.stem] = {"fmse": M.fmse(list(r)), "ofm": M.ofm(list(r))}
+    return real
+
+
+def _reference(head, inputs, cfg: FrontierConfig) -> dict:
+    ref_cfg = SamplerConfig(*cfg.reference)
+    ref_runs = [_mean_rows([run_one(head, x, ref_cfg, s, cfg.face) for x in inputs]) for s in cfg.seeds]
+    return {"sampler": ref_cfg.to_dict(), "seeds": list(cfg.seeds), "runs": ref_runs, "mean": _mean_rows(ref_runs),
+            "spread": {k: max(r[k] for r in ref_runs) - min(r[k] for r in ref_runs) for k in ref_runs[0]}}
+
+
+def _check_same_setting(previous: dict, clips: list[Path], cfg: FrontierConfig) -> None:
+    """ValueError (one line) unless ``previous`` was measured on these clips with these settings."""
+    old = previous["config"]
+    want = {"clips": [c.stem for c in clips], "reference": list(cfg.reference), "seeds": list(cfg.seeds),
+            "max_seconds": cfg.max_seconds, "face": cfg.face}
+    got = {"clips": previous["clips"], "reference": list(old["reference"]), "seeds": list(old["seeds"]),
+           "max_seconds": old["max_seconds"], "face": old["face"]}
+    diff = sorted(k for k in want if want[k] != got[k])
+    if diff:
+        raise ValueError(f"--extend: the earlier run differs in {', '.join(diff)} "
+                         f"({', '.join(f'{k}={got[k]}' for k in diff)}); rerun it whole")
 
 
 def matches(row: dict, ref: dict) -> bool:

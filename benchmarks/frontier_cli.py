@@ -5,6 +5,7 @@ Thin: flags -> :class:`FrontierConfig` -> :func:`frontier` -> ``benchmarks/resul
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,8 @@ def run(
     face: bool = typer.Option(True, "--face/--no-face", help="Lip-sync proxy and face crop (MediaPipe)."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results."),
     name: str = typer.Option("frontier", help="Result file stem."),
+    extend: Optional[Path] = typer.Option(None, help="An earlier run's JSON (same engine, clips and settings): keep "
+                                                     "its reference and rows, run only the rows it lacks."),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dheads").setLevel(logging.INFO)
@@ -46,9 +49,10 @@ def run(
         cfg = FrontierConfig(samplers=tuple(s for s in samplers.split(",") if s), calls=_ints(calls),
                              warm=_ints(warm), seeds=_ints(seeds), max_seconds=max_seconds, face=face)
         cfg.runs()  # sampler names and steps checked before any generation
+        previous = json.loads(extend.read_text()) if extend is not None else None
         head = TalkingHead.open(engine)
-        doc = frontier(head, clips, cfg)
-    except (ValueError, *USER_ERRORS) as e:
+        doc = frontier(head, clips, cfg, previous)
+    except (ValueError, KeyError, *USER_ERRORS) as e:
         typer.echo(f"dh-frontier: error: {e}", err=True)
         raise typer.Exit(2) from None
     doc["engine"] = str(engine or "demo")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from types import SimpleNamespace
 
@@ -64,6 +66,14 @@ def test_frontier_runs_every_row_and_writes_json_table_png(shared_data, tmp_path
 
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
+
+    more = dataclasses.replace(cfg, samplers=("dpmpp_2m", "unipc"), warm=())
+    ext = frontier(head, [shared_data / "grid" / "lbax4n.mpg"], more, previous=doc)
+    assert ext["reference"] == doc["reference"] and ext["rows"][:5] == doc["rows"]
+    assert [(r["sampler"], r["steps"]) for r in ext["rows"][5:]] == [("unipc", 2), ("unipc", 3)]
+    assert ext["config"]["samplers"] == ["ddim", "dpmpp_2m", "unipc"]
+    with pytest.raises(ValueError, match=r"^--extend: the earlier run differs in seeds \(seeds=\[0, 1\]\); "):
+        frontier(head, [shared_data / "grid" / "lbax4n.mpg"], dataclasses.replace(more, seeds=(0,)), previous=doc)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
