@@ -33,6 +33,10 @@ def test_matching_rule_and_fewest_calls():
     assert matches({"flicker": 1.3, "fmse": 5.9}, ref)
     assert matches({"flicker": 1.55, "fmse": 5.0}, ref)  # outside the range, within one spread of the mean
     assert not matches({"flicker": 1.7, "fmse": 5.5}, ref)
+    pinned = {"runs": [{"flicker": 0.0090, "fmse": 5.0}, {"flicker": 0.0094, "fmse": 6.0}],
+              "mean": {"flicker": 0.0092, "fmse": 5.5}, "spread": {"flicker": 0.0004, "fmse": 1.0}}
+    assert matches({"flicker": 0.05, "fmse": 5.5}, pinned)  # 0.04 levels: below the 0.1-level floor
+    assert not matches({"flicker": 0.2, "fmse": 5.5}, pinned)
     rows = [{"calls_per_frame": c, "s_per_frame": c / 10, "matches_reference": m}
             for c, m in ((2, False), (6, True), (4, True), (8, True))]
     assert fewest_matching(rows)["calls_per_frame"] == 4
