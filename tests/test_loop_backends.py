@@ -32,7 +32,8 @@ def _frames(den, sampler, seed=11):
 
 
 @pytest.mark.parametrize("sampler", [SamplerConfig("ddpm", 10), SamplerConfig("ddim", 10), SamplerConfig("dpmpp_2m", 10),
-                                     SamplerConfig("unipc", 10, warm_steps=4)])
+                                     SamplerConfig("unipc", 10, warm_steps=4),
+                                     SamplerConfig("dpmpp_2m_sde", 10, spacing="karras", frame_noise="repeat")])
 def test_loop_pytorch_equals_onnxruntime_fp32(exported, sampler):
     ckpt, result = exported
     torch_den, info_t = open_denoiser(ckpt)
