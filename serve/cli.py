@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from dheads.engine.cli_errors import OneLineErrors
+from dheads.engine.cli_errors import Interrupted, OneLineErrors
 
 from .config import ServeConfig
 
@@ -66,9 +66,16 @@ def serve(
 
     from .app import create_app
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                ws_max_size=config.max_upload_bytes + (1 << 16))
+    try:
+        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                    ws_max_size=config.max_upload_bytes + (1 << 16))
+    except Interrupted as e:  # uvicorn shut down gracefully, then re-raised the signal it caught: a clean stop
+        logging.getLogger("dheads.serve").info("stopped (%s)", e)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

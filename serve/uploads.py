@@ -71,7 +71,7 @@ class UploadDir:
         if not data:
             raise RequestError(f"{kind}: empty upload")
         if len(data) > max_bytes:
-            raise LimitError(f"{kind}: upload is {len(data)} bytes; this server takes at most {max_bytes}")
+            raise LimitError(f"{kind}: upload is over {max_bytes} bytes, this server's limit")
         path = self.path / f"{kind}{choose_suffix(data, client_name)}"
         path.write_bytes(data)
         return Upload(path, display_name(client_name, kind))
