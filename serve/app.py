@@ -14,6 +14,7 @@ import hmac
 import importlib.resources
 import json
 import logging
+import os
 import re
 
 import cv2
@@ -135,7 +136,7 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
         if not worker.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         info = worker.head.info
-        return {"status": "ok", "image_size": info.model.image_size, "fps": info.audio.fps,
+        return {"status": "ok", "pid": os.getpid(), "image_size": info.model.image_size, "fps": info.audio.fps,
                 "sampler": worker.head.default_sampler.name, "steps": worker.head.default_sampler.steps}
 
     @app.get("/metrics")
