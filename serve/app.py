@@ -334,3 +334,7 @@ async def _feed_pcm(ws: WebSocket, worker: EngineWorker, session: Session, rate:
     except (ClientError, LimitError, RequestError) as e:
         session.cancel()
         session.queue.put_nowait(e)
+    except Exception as e:  # an encoder failure: end this stream with one line, not a silent stall
+        log.exception("PCM feed failed")
+        session.cancel()
+        session.queue.put_nowait(RuntimeError(f"audio encoding failed: {_one_line(e)}"))

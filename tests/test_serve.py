@@ -222,6 +222,10 @@ def test_token_and_limits(worker, wav, tmp_path):
             big = {"face": ("f.png", b"\x89PNG\r\n\x1a\n" + bytes(300_000)), "audio": ("s.wav", wav.read_bytes())}
             r = httpx.post(u + "/v1/render?token=s3cret", files=big, data=OPTS)
             assert r.status_code == 413 and r.json() == {"error": "face: upload is over 200000 bytes, this server's limit"}
+            huge = {"face": ("f.png", bytes(500_000)), "audio": ("s.wav", wav.read_bytes())}
+            r = httpx.post(u + "/v1/render?token=s3cret", files=huge, data=OPTS)
+            assert r.status_code == 413 and r.json()["error"].startswith("request body is ")
+            assert r.json()["error"].endswith("bytes; this server takes at most 465536")
             msgs, _, _ = asyncio.run(ws_run(u, FACE.read_bytes(), wav.read_bytes()))
             assert msgs == [{"type": "error", "error": "missing or wrong token (add ?token=<token>)"}]
     finally:
