@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 
@@ -51,8 +52,15 @@ def _cuda_devices() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+# Ray Serve restarts its HTTP proxy when a readiness/health check takes over 5-10 s; on a few busy cores
+# (engine loads, other jobs) that turns into a restart loop. Longer defaults, unless set otherwise:
+PATIENT_CHECKS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 def start(config: ServeConfig, *, replicas: int, num_cpus: int | None = None, **kw):
     """Start Ray (local), Ray Serve's proxy on ``config.host:port``, and the application; returns its handle."""
+    for k, v in PATIENT_CHECKS.items():
+        os.environ.setdefault(k, v)  # before ray.init: Ray's processes inherit the driver's environment
     import ray
     from ray import serve
 
@@ -71,11 +79,25 @@ def stop() -> None:
 
 
 def run(config: ServeConfig, *, replicas: int) -> None:
-    """``dh-serve --replicas N``: serve until SIGINT/SIGTERM, then shut Ray Serve down."""
-    start(config, replicas=replicas, num_cpus=max(replicas, 2))
+    """``dh-serve --replicas N``: serve until SIGINT/SIGTERM, then shut Ray Serve down.
+
+    Ray's C++ core installs absl's failure-signal handler in the driver, which turns SIGTERM into an abort
+    (exit 134, a stack dump) before Python sees it; ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1`` (unless set
+    otherwise) leaves SIGTERM to the handler below, so the stop is clean.
+    """
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    try:
+        start(config, replicas=replicas, num_cpus=max(replicas, 2))
+    except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit(15)) fired while the app was starting
+        if e.code != signal.SIGTERM:
+            raise
+        log.info("stopping Ray Serve (SIGTERM while starting)")
+        stop()
+        return
     log.info("Ray Serve: %d replicas of dh-serve on http://%s:%d", replicas, config.host, config.port)
     done = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: done.set())
     done.wait()
+    log.info("stopping Ray Serve")
     stop()

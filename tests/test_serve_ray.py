@@ -1,6 +1,6 @@
 """dh-serve on Ray Serve, locally on CPU with two replicas: both come up, each answers, a stream renders.
 
-Ray's start-up (GCS, raylets, proxy) and two engine loads take about a minute on 2 loaded cores: ``slow``.
+Ray's start-up (GCS, raylet, proxy) and two engine loads take 40-80 s each test on 2 shared cores: ``slow``.
 """
 
 from __future__ import annotations
@@ -53,3 +53,36 @@ def test_two_replicas_serve_render_and_stream(tmp_path):
         assert msgs[-1] == {"type": "done", "frames": 5}
     finally:
         ray_app.stop()
+
+
+def test_one_command_starts_two_replicas_and_stops_on_sigterm():
+    """``dh-serve --replicas 2``: both replicas answer through the proxy; SIGTERM shuts Ray down, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dheads.serve.cli", "--replicas", "2", "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        pids, deadline = set(), time.monotonic() + 240  # Ray + two engines on 2 shared cores
+        while len(pids) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                if r.status_code == 200:
+                    pids.add(r.json()["pid"])
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:  # SIGTERM, so that Ray's own processes are shut down too
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
