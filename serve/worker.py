@@ -205,9 +205,12 @@ class EngineWorker:
         try:
             samples, rate = load_audio(audio.path, silence="ignore")
             self.check_seconds(samples.size)
-            check_silence(audio.path, samples, "error")
         except USER_ERRORS as e:
             raise ClientError(audio.explain(e)) from None
+        try:
+            check_silence(audio.path, samples, "error")
+        except USER_ERRORS as e:  # dh-run's line without its hint at a flag the server does not have
+            raise ClientError(audio.explain(e).split("; ")[0] + "; give a file with speech") from None
         return samples, self.head.encoder(samples)
 
     def check_seconds(self, n_samples: int) -> None:
