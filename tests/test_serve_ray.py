@@ -32,7 +32,7 @@ def test_two_replicas_serve_render_and_stream(tmp_path):
     ray_app.start(cfg, replicas=2, num_cpus=2, cpus_per_replica=0.5)
     url = f"http://127.0.0.1:{cfg.port}"
     try:
-        pids, deadline = set(), time.monotonic() + 120
+        pids, deadline = set(), time.monotonic() + 300
         while len(pids) < 2 and time.monotonic() < deadline:  # the proxy spreads requests over both replicas
             r = httpx.get(url + "/healthz", timeout=30)
             assert r.status_code == 200
