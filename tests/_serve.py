@@ -1,0 +1,56 @@
+"""A real dh-serve (uvicorn in a thread, 127.0.0.1, a free port) over one shared engine, for the serve tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "examples"
+FACE = EXAMPLES / "face.png"
+SPEECH = EXAMPLES / "speech.wav"
+
+
+def short_speech(path: Path, seconds: float = 0.3) -> Path:
+    """The first ``seconds`` of the example speech (16 kHz mono), written to ``path``."""
+    samples, rate = sf.read(str(SPEECH), dtype="float32")
+    sf.write(str(path), samples[: int(seconds * rate)], rate)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(worker, config):
+    """Serve ``create_app(config, worker)`` on 127.0.0.1 until the block ends; yields the base URL."""
+    import uvicorn
+
+    from dheads.serve.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(config, worker), host="127.0.0.1", port=config.port,
+                                           log_level="warning", ws_max_size=config.max_upload_bytes + 65536))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def frame_bytes(rgb: np.ndarray) -> bytes:
+    return np.ascontiguousarray(rgb).tobytes()
