@@ -162,7 +162,7 @@ def distill(
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Distil a teacher into a few-step DDIM student (progressive distillation). Under torchrun: DDP."""
+    """Distil a teacher into a few-step DDIM or DDPM student (progressive distillation). Under torchrun: DDP."""
     _setup_logging(verbose)
     _threads(threads)
     from dheads.engine.checkpoint import CheckpointError

@@ -71,7 +71,7 @@ CLEAN = -1  # the "timestep" after t = 0: the clean sample (abar = 1)
 class DistillConfig:
     """What a distillation does: the final step count, the halving rounds, and the objective's options."""
 
-    steps: int = 4  # the final student's DDIM steps (UNet calls per frame)
+    steps: int = 4  # the final student's sampling steps (UNet calls per frame)
     rounds: int = 2  # halvings: the first teacher runs (steps - 1) * 2**rounds + 1 steps
     rollout: float = 0.5  # fraction of samples whose input is the student's own previous step
     sampler: str = "ddim"  # the teacher's steps and the student's: ddim (Salimans & Ho) or ddpm (stochastic)
@@ -337,7 +337,7 @@ def student_config(base: TrainingConfig, teacher: Checkpoint, data: str | os.Pat
 def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, dcfg: DistillConfig,
             base: TrainingConfig, *, resume: bool = True, device: str | None = None,
             progress: bool = True) -> DistillResult:
-    """Distil the teacher into a ``dcfg.steps``-step DDIM student in ``dcfg.rounds`` halvings; see the module doc.
+    """Distil the teacher into a ``dcfg.steps``-step ``dcfg.sampler`` student in ``dcfg.rounds`` halvings (module doc).
 
     Round r trains in ``out/round_r`` (``base.train.steps`` optimizer steps; its teacher: ``out/round_{r-1}/
     last.pt``); the final student is ``out/student.pt``. ``resume``: continue each round from its
