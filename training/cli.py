@@ -5,9 +5,10 @@
     torchrun --nproc_per_node 8 -m dheads.training.cli fit --data OUT --out RUN --config crema
     dh-train sample RUN/last.pt --data OUT --out preview.mp4 [--frames 25]
     dh-train health RUN/last.pt --data OUT                       # can the model see colour? exit 1 if not
+    dh-train distill --teacher T.pt --data OUT --steps 4 --out STUDENT  # a 4-step DDIM student
 
 Thin: flags become config values and one library call (``prepare.prepare``, ``train.fit``,
-``train.write_preview``).
+``train.write_preview``, ``distill.distill``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,50 @@ def fit(
     if result.losses:
         log.info("steps %d..%d, loss %.4f -> %.4f; last checkpoint %s", result.start_step + 1, result.end_step,
                  result.losses[0], result.losses[-1], result.last_checkpoint or "(none this run)")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="any checkpoint dh-run opens: ours, Lightning, the authors' "
+                                               "TorchScript UNet, a bare state_dict")],
+    data: Annotated[Path, typer.Option(help="a folder written by `dh-train prepare` (same audio encoder as the "
+                                            "teacher); its training split is used")],
+    out: Annotated[Path, typer.Option(help="folder: round_N/ runs and student.pt")],
+    steps: Annotated[int, typer.Option(help="the student's DDIM steps (UNet calls per frame)")] = 4,
+    rounds: Annotated[int, typer.Option(help="halvings: the first teacher runs (steps-1)*2^rounds+1 DDIM steps")] = 2,
+    rollout: Annotated[float, typer.Option(help="fraction of samples that start from the student's own "
+                                                "previous step")] = 0.5,
+    sampler: Annotated[str, typer.Option(help="the teacher's steps and the student's: ddim (deterministic) or "
+                                              "ddpm (ancestral; the student learns the mean of two)")] = "ddim",
+    config: Annotated[str, typer.Option(help="preset or .toml for the data/loss/optim/train sections "
+                                             "(train.steps is per round); model and diffusion come from "
+                                             "the teacher")] = "distill",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. --set train.steps=300 "
+                                                                    "(repeatable)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue each round from OUT/round_N/last.pt where present")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if "
+                                                       "available)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar (a log line every 30 s when stderr is "
+                                                "not a terminal)")] = True,
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Distil a teacher into a few-step DDIM or DDPM student (progressive distillation). Under torchrun: DDP."""
+    _setup_logging(verbose)
+    _threads(threads)
+    from dheads.engine.checkpoint import CheckpointError
+
+    from .config import load_config
+    from .distill import DistillConfig
+    from .distill import distill as run_distill
+
+    try:
+        dcfg = DistillConfig(steps=steps, rounds=rounds, rollout=rollout, sampler=sampler)
+        result = run_distill(teacher, data, out, dcfg, load_config(config, list(set_ or [])), resume=resume,
+                             device=device, progress=progress)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        _fail(str(e))
+    log.info("student: %s (%s, %d steps)", result.student, sampler, steps)
 
 
 @app.command()

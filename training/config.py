@@ -27,7 +27,7 @@ from typing import Any
 
 from dheads.engine.config import DiffusionConfig, ModelConfig, _from_dict, _to_dict, default_groups, norm_groups_problem
 
-PRESETS = ("crema", "lrw", "tiny")
+PRESETS = ("crema", "lrw", "tiny", "distill")
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,10 @@ class Trainer:
     """Owns the model, optimizer, EMA and data of one run; ``fit()`` runs it."""
 
     def __init__(self, cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
-                 resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True):
+                 resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
+                 init_weights: dict[str, torch.Tensor] | None = None):
+        """``init_weights``: start from these weights (e.g. a distillation teacher's) instead of a random
+        init; a ``resume`` checkpoint's weights replace them."""
         self.cfg, self.out, self.show_progress = cfg, Path(out), progress
         self.dist = setup_distributed(device)
         if cfg.train.precision == "fp16" and self.dist.device.type != "cuda":
@@ -255,6 +258,8 @@ class Trainer:
 
         self.health_batch = self._health_batch() if self.dist.is_main else None
         self.model = DiffusedHeadsUNet(cfg.model, cfg.diffusion).to(self.dist.device)
+        if init_weights is not None:
+            self.model.load_state_dict(init_weights, strict=True)
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
