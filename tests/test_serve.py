@@ -129,7 +129,7 @@ def test_render_returns_mp4(url, wav):
      "wav/flac/mp3/ogg/m4a or a video with sound"),
     ({"face": "FACE", "audio": "WAV"}, {"steps": "abc"}, "not an integer: 'abc'"),
     ({"face": "FACE", "audio": "WAV"}, {"sampler": "euler"},
-     "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp_2m, unipc"),
+     "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
     ({"audio": "WAV"}, {}, "missing the 'face' file part"),
     ({"face": ("../../etc/x.png", b"\x89PNG\r\n\x1a\nbroken"), "audio": "WAV"}, {},
      "cannot read image x.png (corrupt or unsupported format)"),
