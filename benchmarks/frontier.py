@@ -222,6 +222,11 @@ def plot(doc: dict, path: Path) -> Path:
         lo, hi = (f(r[k] for r in ref["runs"]) for f in (min, max))
         ax.axhspan(lo, hi, color="grey", alpha=0.3, label="DDPM-100 seeds")
         ax.set_xscale("log")
+        ticks = sorted({r["calls_per_frame"] for r in doc["rows"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=6)
+        ax.minorticks_off()
+        if k in ("fmse", "ofm"):
+            ax.set_yscale("log")
         ax.set_xlabel("UNet calls per frame")
         ax.set_title(k)
     axes[0][0].legend(fontsize=6)

@@ -170,3 +170,19 @@ def test_artifact_records_its_frame_noise():
     assert default_sampler(d) == SamplerConfig("ddpm", 5, frame_noise="repeat")
     assert DiffusionConfig.from_dict({"num_timesteps": 1000, "schedule": "cosine", "sampling_steps": 25,
                                       "sampler": "ddpm"}).frame_noise == "fresh"  # older artifacts
+
+
+def test_realtime_preset_is_a_measured_row_of_the_committed_frontier():
+    """The preset names a sampler and step count that the committed frontier measured, with fewer calls
+    per frame than the demo's default, and within 25% of the default's F-MSE and OFM."""
+    import json
+    from pathlib import Path
+
+    from dheads.engine.plan import preset_sampler
+
+    rt = preset_sampler("realtime", DiffusionConfig())
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "frontier_demo.json").read_text())
+    rows = {(r["sampler"], r["steps"], r["warm_steps"]): r for r in doc["rows"]}
+    row, default = rows[(rt.name, rt.steps, rt.warm_steps)], rows[("ddpm", 25, 0)]
+    assert row["calls_per_frame"] < default["calls_per_frame"]
+    assert row["fmse"] <= 1.25 * default["fmse"] and row["ofm"] <= 1.25 * default["ofm"]
