@@ -23,10 +23,10 @@ MU = 0.3
 DETERMINISTIC = ("ddim", "dpmpp_2m", "unipc")
 
 
-def _solve(name: str, n: int, s: float, trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Run ``name`` at ``n`` steps on the analytic denoiser; return (output, exact answer, plan)."""
+def _gaussian_problem(name: str, n: int, s: float, trace: list | None = None):
+    """``name``'s plan at ``n`` steps (float64 tables, no clamp), its abar, and the exact denoiser of
+    x0 ~ N(MU, s^2) as an eps model ``model(x, k)`` (recording each call's state in ``trace``)."""
     plan = make_plan(DiffusionConfig(), SamplerConfig(name, n, clip_denoised=False))
-    tables = plan.tables(dtype=torch.float64)
     abar = torch.tensor(plan.schedule.alphas_cumprod, dtype=torch.float64)
 
     def model(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,6 +36,12 @@ def _solve(name: str, n: int, s: float, trace: list | None = None) -> tuple[torc
         x0 = MU + s * s * a / (a * a * s * s + sg * sg) * (x - a * MU)
         return (x - a * x0) / sg
 
+    return plan, plan.tables(dtype=torch.float64), abar, model
+
+
+def _solve(name: str, n: int, s: float, trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Run ``name`` at ``n`` steps on the analytic denoiser; return (output, exact answer, plan)."""
+    plan, tables, abar, model = _gaussian_problem(name, n, s, trace)
     x_T = torch.linspace(-2, 2, 27, dtype=torch.float64).view(1, 3, 3, 3)
     noise = torch.zeros(n + 1, 1, 3, 3, 3, dtype=torch.float64)
     out = denoise_frame(model, x_T.clone(), plan, tables, noise, make_state(plan.spec, x_T), n - 1)
@@ -106,17 +112,7 @@ def test_multistep_frame_loop_equals_reference_and_keeps_state_buffers(name):
 
 def _sample_sde(name: str, n: int, s: float, seed: int = 0, trace: list | None = None) -> torch.Tensor:
     """``name`` at ``n`` steps on the Gaussian-data denoiser with random noise: 3 x 64 x 64 samples."""
-    plan = make_plan(DiffusionConfig(), SamplerConfig(name, n, clip_denoised=False))
-    tables = plan.tables(dtype=torch.float64)
-    abar = torch.tensor(plan.schedule.alphas_cumprod, dtype=torch.float64)
-
-    def model(x: torch.Tensor, k: int) -> torch.Tensor:
-        if trace is not None:
-            trace.append((k, x.clone()))
-        a, sg = abar[k].sqrt(), (1 - abar[k]).sqrt()
-        x0 = MU + s * s * a / (a * a * s * s + sg * sg) * (x - a * MU)
-        return (x - a * x0) / sg
-
+    plan, tables, _, model = _gaussian_problem(name, n, s, trace)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n + 1, 1, 3, 64, 64, generator=g, dtype=torch.float64)
     x_T = noise[0].clone()
