@@ -179,6 +179,15 @@ def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k:
     return x_prev + tables.ddim_sigma[k] * noise
 
 
+def _dpm_2m_data(x0: torch.Tensor, tables: StepTables, k: int, state: tuple, i: int) -> torch.Tensor:
+    """2M's data term ``D = x0 + (x0 - x0_prev) / (2 r)`` (``x0`` alone on a frame's first step); stores
+    ``x0`` in ``state = (x0_prev,)`` for the next step."""
+    (x0_prev,) = state
+    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_prev)
+    x0_prev.copy_(x0)
+    return d
+
+
 def dpmpp_2m_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
                   noise: torch.Tensor | None, clip: bool = True, state: tuple = (), i: int = 0) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): data-prediction multistep, first order on a frame's first step.
@@ -190,11 +199,7 @@ def dpmpp_2m_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables
     x0 = predict_x0(x_t, eps, tables, k, clip)
     if k == 0:
         return x0
-    (x0_prev,) = state
-    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_prev)
-    x_prev = tables.dpm_sigma_ratio[k] * x_t + tables.dpm_coef[k] * d
-    x0_prev.copy_(x0)
-    return x_prev
+    return tables.dpm_sigma_ratio[k] * x_t + tables.dpm_coef[k] * _dpm_2m_data(x0, tables, k, state, i)
 
 
 def dpmpp_2m_sde_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
@@ -207,13 +212,8 @@ def dpmpp_2m_sde_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTa
     x0 = predict_x0(x_t, eps, tables, k, clip)
     if k == 0:
         return x0
-    (x0_prev,) = state
-    d = x0 if i == 0 else x0 + tables.dpm_half_inv_r[k] * (x0 - x0_prev)
-    x_prev = tables.dpm_sde_ratio[k] * x_t + tables.dpm_sde_coef[k] * d
-    if noise is not None:
-        x_prev = x_prev + tables.dpm_sde_noise[k] * noise
-    x0_prev.copy_(x0)
-    return x_prev
+    x_prev = tables.dpm_sde_ratio[k] * x_t + tables.dpm_sde_coef[k] * _dpm_2m_data(x0, tables, k, state, i)
+    return x_prev if noise is None else x_prev + tables.dpm_sde_noise[k] * noise
 
 
 def unipc_step(x_t: torch.Tensor, model_out: torch.Tensor, tables: StepTables, k: int,
