@@ -39,7 +39,6 @@ the student learns to start its first real step from what its top step actually 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -55,11 +54,10 @@ from dheads.engine.checkpoint import Checkpoint, load_checkpoint
 from dheads.engine.config import DiffusionConfig
 from dheads.engine.schedule import respaced_timesteps, schedule_for
 
-from .augment import augment
 from .config import TrainingConfig
-from .dataset import ClipStore, step_seed
+from .dataset import ClipStore
 from .diffusion import mean_flat
-from .losses import box_mask
+from .losses import box_mask, masked_mse
 from .train import FitResult, Trainer, _atomic_link
 
 log = logging.getLogger(__name__)
@@ -262,33 +260,27 @@ class DistillTrainer(Trainer):
     def _micro(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the detached [5] (loss, mse, vlb = 0, lip, dc = 0)."""
         cfg, dev = self.cfg, self.dist.device
-        b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        aug = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 3))
-        b = augment(b, cfg.data, cfg.model.motion_frames, self.step, aug)
+        b = self._micro_batch(batch, micro)
         x0 = b["x0"]
         n = x0.shape[0]
-        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 1))
+        g = self._rng(micro, 1)
         seg = torch.randint(0, len(self.student_grid) - 1, (n,), generator=g).tolist()  # the top step never
         # no rollout into t = 0: there sigma = 0.006, and eps would have to be 150x the x gap it closes
         roll = [bool(r) and k > 0 for r, k in zip(torch.rand(n, generator=g) < self.dcfg.rollout, seg)]
         noise = torch.randn(x0.shape, generator=g).to(dev)
-        torch.manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 2))  # dropout masks
-        steps_noise = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 4))
+        torch.manual_seed(self._seed(micro, 2))  # dropout masks
+        steps_noise = self._rng(micro, 4)  # the teacher's (and rollouts') DDPM step noise
         with torch.no_grad():
             x_in, t_in, eps_t = self.targets(x0, noise, seg, roll, b, steps_noise)
         a_in = self.abar(t_in)
         weight = ((1 - a_in) / a_in).clamp(min=1.0).view(-1)  # max(1, 1/SNR)
         net = self.ddp or self.model
-        last = micro == cfg.train.grad_accum - 1
-        sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-        with sync:
+        with self._grad_sync(micro):
             with self._autocast():
                 out = net(x_in, t_in, b["identity"], motion_frames=b["motion"], audio_emb=b["audio"])
-            sq = (out[:, :3].float() - eps_t) ** 2
-            mse = (weight * mean_flat(sq)).mean()
-            mask = box_mask(b["lip_box"], x0.shape[2], x0.shape[3])
-            lip_each = (sq * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * 3).clamp(min=1.0)
-            lip = (weight * lip_each).mean()
+            eps = out[:, :3].float()
+            mse = (weight * mean_flat((eps - eps_t) ** 2)).mean()
+            lip = masked_mse(eps, eps_t, box_mask(b["lip_box"], x0.shape[2], x0.shape[3]), weight)
             loss = mse + cfg.loss.lambda_lip * lip
             self.scaler.scale(loss / cfg.train.grad_accum).backward()
         zero = loss.new_zeros(())

@@ -74,14 +74,17 @@ def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return inside.unsqueeze(1).float()
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of (pred - target)^2 over the mask's pixels and all channels, then batch mean.
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of (pred - target)^2 over the mask's pixels and all channels, then batch mean
+    (weighted by ``weight`` [B] when given).
 
     A sample with an empty mask contributes 0.
     """
     sq = (pred - target) ** 2 * mask
     count = mask.sum(dim=(1, 2, 3)) * pred.shape[1]
-    return (sq.sum(dim=(1, 2, 3)) / count.clamp(min=1.0)).mean()
+    each = sq.sum(dim=(1, 2, 3)) / count.clamp(min=1.0)
+    return (each if weight is None else weight * each).mean()
 
 
 def diffusion_losses(model_out: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,

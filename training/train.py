@@ -360,22 +360,36 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
+    def _seed(self, micro: int, stream: int) -> int:
+        """The seed of one random stream of this step's micro-batch (1: timesteps and noise, 2: dropout,
+        3: augmentation; subclasses may add more), the same whatever the worker count or a resume."""
+        return step_seed(self.cfg.train.seed, self.step, self.dist.rank, micro, stream)
+
+    def _rng(self, micro: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(micro, stream))
+
+    def _micro_batch(self, batch: dict[str, torch.Tensor], micro: int) -> dict[str, torch.Tensor]:
+        """The micro-batch on the device, augmented from its own random stream."""
+        b = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        return augment(b, self.cfg.data, self.cfg.model.motion_frames, self.step, self._rng(micro, 3))
+
+    def _grad_sync(self, micro: int):
+        """DDP all-reduces the gradients on a step's last micro-batch only."""
+        last = micro == self.cfg.train.grad_accum - 1
+        return contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+
     def _micro(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the detached [5] (loss, mse, vlb, lip, dc)."""
         cfg, dev = self.cfg, self.dist.device
-        b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        aug = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 3))
-        b = augment(b, cfg.data, cfg.model.motion_frames, self.step, aug)
+        b = self._micro_batch(batch, micro)
         x0 = b["x0"]
-        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 1))
+        g = self._rng(micro, 1)
         t = torch.randint(0, self.tables.num_timesteps, (x0.shape[0],), generator=g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
-        torch.manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank, micro, 2))  # dropout masks
+        torch.manual_seed(self._seed(micro, 2))  # dropout masks
         x_t = q_sample(x0, t, noise, self.tables)
         net = self.ddp or self.model
-        last = micro == cfg.train.grad_accum - 1
-        sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-        with sync:
+        with self._grad_sync(micro):
             with self._autocast():
                 out = net(x_t, t, b["identity"], motion_frames=b["motion"], audio_emb=b["audio"])
             mask = box_mask(b["lip_box"], x0.shape[2], x0.shape[3])
