@@ -122,6 +122,19 @@ def test_tiny_preset_learns_and_resumes_bit_exactly(prepared, run_a, tmp_path):
           f"timings {TIMINGS}")
 
 
+def test_init_fine_tunes_from_a_checkpoints_weights(prepared, run_a, tmp_path):
+    """``fit(init=...)``: step 0, a fresh optimizer, the trained (EMA) weights; a mismatched model is named."""
+    out, a = run_a
+    b = fit(_tiny(), prepared, tmp_path / "ft", progress=False, until=2, init=out / "last.pt")
+    assert (b.start_step, b.end_step) == (0, 2)
+    # from trained weights the first losses are far below a fresh run's first ones
+    assert max(b.losses) < 0.8 * float(np.mean(a.losses[:2])), (b.losses, a.losses[:2])
+    with pytest.raises(ValueError, match=r"--init .*last\.pt: its model config differs from this run's "
+                                         r"\(dropout = 0\.0 there, 0\.1 here\); pass --set model\.KEY=VALUE"):
+        cfg = load_config("tiny", ["model.dropout=0.1"])
+        fit(cfg, prepared, tmp_path / "bad", progress=False, until=1, init=out / "last.pt")
+
+
 def test_checkpoint_is_an_engine_checkpoint(prepared, run_a, tmp_path):
     out, _ = run_a
     ckpt = load_checkpoint(out / "last.pt")

@@ -110,6 +110,9 @@ def fit(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if "
                                                        "available)")] = None,
     until: Annotated[Optional[int], typer.Option(help="stop after this step (resume later)")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="fine-tune: start at step 0 from this checkpoint's (EMA) "
+                                                      "weights, any format dh-run opens; its model config must "
+                                                      "match the run's; ignored when resuming")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar (a log line every 30 s when stderr is "
                                                 "not a terminal)")] = True,
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
@@ -128,7 +131,9 @@ def fit(
             cfg = TrainingConfig.from_dict(apply_overrides(saved_config(ckpt), list(set_ or [])))
         else:
             cfg = load_config(config or "tiny", list(set_ or []))
-        result = run_fit(cfg, data, out, resume=ckpt, device=device, progress=progress, until=until)
+        if init is not None and not init.is_file():
+            raise FileNotFoundError(f"--init {init}: no such checkpoint")
+        result = run_fit(cfg, data, out, resume=ckpt, device=device, progress=progress, until=until, init=init)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if result.losses:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dheads.engine.checkpoint import Checkpoint, save_checkpoint
+from dheads.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dheads.engine.config import AudioConfig
 from dheads.engine.model import DiffusedHeadsUNet
 from dheads.engine.threads import worker_init
@@ -535,15 +535,41 @@ def _atomic_link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def init_checkpoint(path: str | os.PathLike, cfg: TrainingConfig) -> Checkpoint:
+    """The checkpoint a fine-tune starts from (any format ``load_checkpoint`` opens; its EMA weights are
+    used where present). Its model config must be this run's: ``ValueError`` names the keys that differ."""
+    ckpt = load_checkpoint(path)
+    theirs, ours = ckpt.model.to_dict(), cfg.model.to_dict()
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        shown = ", ".join(f"{k} = {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff)
+        raise ValueError(f"--init {path}: its model config differs from this run's ({shown}); "
+                         f"pass --set model.KEY=VALUE or a matching --config")
+    if ckpt.diffusion.num_timesteps != cfg.diffusion.num_timesteps or ckpt.diffusion.schedule != cfg.diffusion.schedule:
+        raise ValueError(f"--init {path}: trained on a {ckpt.diffusion.schedule} schedule of "
+                         f"{ckpt.diffusion.num_timesteps} steps, this run uses {cfg.diffusion.schedule} of "
+                         f"{cfg.diffusion.num_timesteps}")
+    return ckpt
+
+
 def fit(cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
         resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-        until: int | None = None) -> FitResult:
+        until: int | None = None, init: str | os.PathLike | None = None) -> FitResult:
     """Train ``cfg`` on the prepared clips in ``data``, writing to ``out``; see the module docstring.
 
     ``resume``: a checkpoint written by this trainer (e.g. ``out/last.pt``). ``until``: pause after this
-    step (a checkpoint is written there; ``resume`` continues as if nothing happened).
+    step (a checkpoint is written there; ``resume`` continues as if nothing happened). ``init``: a fresh
+    run (step 0, new optimizer) from that checkpoint's weights (:func:`init_checkpoint`); ignored when
+    resuming, so an interrupted fine-tune resumes like any run.
     """
-    trainer = Trainer(cfg, data, out, resume=resume, device=device, progress=progress)
+    start = init_checkpoint(init, cfg) if init is not None and resume is None else None
+    trainer = Trainer(cfg, data, out, resume=resume, device=device, progress=progress,
+                      init_weights=start.weights(ema=True) if start else None)
+    if start is not None:
+        if start.audio.to_dict() != trainer.audio.to_dict():
+            raise ValueError(f"--init {init}: trained on {start.audio.to_dict()} audio features, but {data} "
+                             f"holds {trainer.audio.to_dict()}")
+        log.info("starting from the weights of %s", init)
     try:
         return trainer.fit(until=until)
     finally:
