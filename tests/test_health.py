@@ -55,7 +55,19 @@ def test_a_mean_blind_denoiser_fails_loudly():
     assert not r.passed
     assert any(f in ("dc_slope at t=900 is 0.000 (< 0.5)", "dc_slope at t=900 is -0.000 (< 0.5)")
                for f in r.failures), r.failures
-    assert any(f.startswith("x0 colour error at t=999 is") for f in r.failures)
+    assert any(f.startswith("x0 colour error at t=900 is") for f in r.failures), r.failures
+    assert not any(f.startswith("x0 colour error at t=999") for f in r.failures)  # reported, not judged
+
+
+def test_x0_colour_at_t999_is_reported_not_judged():
+    """The clamp decides x0's mean at t = 999 for any eps model (an anchored one scores ~20 levels there)."""
+    from dheads.training.health import HealthReport
+
+    slopes = {"999": 1.0, "900": 1.0, "500": 0.98}
+    ok = HealthReport(slopes, {"999": 20.7, "900": 2.0, "500": 0.3}, 48, HealthLimits())
+    assert ok.passed and ok.to_dict()["x0_color_error"]["999"] == 20.7
+    bad = HealthReport(slopes, {"999": 1.0, "900": 12.5, "500": 0.3}, 48, HealthLimits())
+    assert bad.failures == ["x0 colour error at t=900 is 12.5 levels (> 12.0)"]
 
 
 def test_measure_is_seeded():

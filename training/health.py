@@ -15,7 +15,11 @@ Two measurements on real frames with their real conditioning (identity, motion f
   sampler does) - that of the true x0|, in levels of 255. At t = 999 x_t holds no trace of x0, so this is
   the colour the model infers from the identity and motion frames alone.
 
-``check_health`` runs both at t = 999, 900 and 500 and compares them with ``HealthLimits``.
+``check_health`` runs both at t = 999, 900 and 500 and compares them with ``HealthLimits``. The x0 colour
+error is judged at t <= 900 only (``HealthLimits.max_color_t``): at t = 999 (SNR 2e-9) the predicted x0 is
+about ``2e4 (x_t - eps)``, and the clamp saturates nearly every pixel for any eps model, so the clamped mean
+measures the detail's error, not the colour (measured: a model whose x0 mean is exactly the identity's
+before the clamp scores 20 levels there). It is still reported; the DC slope is judged at every t.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ UNetCall = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class HealthLimits:
     """Pass marks. The slope floor is far from both ends (mean-blind: ~0.01; healthy: ~1); the colour bound
-    is what a healthy demo-size model meets at t = 999 on unseen speakers (see TRAINING.md)."""
+    (levels of 255) is judged at timesteps up to ``max_color_t`` (see the module docstring for why not 999)."""
 
     min_dc_slope: float = 0.5
     max_x0_color_error: float = 12.0  # levels of 255
+    max_color_t: int = 900
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class HealthReport:
         out = [f"dc_slope at t={t} is {v:.3f} (< {self.limits.min_dc_slope})"
                for t, v in self.dc_slope.items() if not v >= self.limits.min_dc_slope]
         out += [f"x0 colour error at t={t} is {v:.1f} levels (> {self.limits.max_x0_color_error})"
-                for t, v in self.x0_color_error.items() if not v <= self.limits.max_x0_color_error]
+                for t, v in self.x0_color_error.items()
+                if int(t) <= self.limits.max_color_t and not v <= self.limits.max_x0_color_error]
         return out
 
     @property
