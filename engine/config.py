@@ -54,6 +54,9 @@ class ModelConfig:
     # "identity": each frame's mean colour is the identity frame's (engine/model/anchor.py). Ours only;
     # the released model has none.
     color_anchor: str = "none"
+    # (x0, y0, x1, y1), fractions of the frame: blanked in every motion frame so the mouth must follow the
+    # audio (engine/model/motion_mask.py). Ours only; () = none, as released.
+    motion_mask: tuple[float, ...] = ()
 
     @property
     def motion_channels(self) -> int:

@@ -259,7 +259,7 @@ class Trainer:
         self.health_batch = self._health_batch() if self.dist.is_main else None
         self.model = DiffusedHeadsUNet(cfg.model, cfg.diffusion).to(self.dist.device)
         if init_weights is not None:
-            self.model.load_state_dict(init_weights, strict=True)
+            self._init_from(init_weights)
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -279,6 +279,16 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %.2f M parameters on %s, world size %d, starting at step %d", n_params / 1e6,
                  self.dist.device, self.dist.world_size, self.step)
+
+    def _init_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load every parameter from ``weights``; buffers they lack (a colour anchor added for this run)
+        keep this model's own values."""
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        params = {n for n, _ in self.model.named_parameters()}
+        bad = sorted(set(unexpected) | (set(missing) & params))
+        if bad:
+            raise ValueError(f"the starting weights do not fit this model: {', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -535,12 +545,18 @@ def _atomic_link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+# Model settings that own no parameters: a fine-tune may change them (``--init``).
+INIT_FREE_KEYS = frozenset({"dropout", "color_anchor", "motion_mask"})
+
+
 def init_checkpoint(path: str | os.PathLike, cfg: TrainingConfig) -> Checkpoint:
     """The checkpoint a fine-tune starts from (any format ``load_checkpoint`` opens; its EMA weights are
-    used where present). Its model config must be this run's: ``ValueError`` names the keys that differ."""
+    used where present). Its model config must be this run's but for the parameter-free keys
+    (``INIT_FREE_KEYS``: dropout, the colour anchor, the motion-frame mask; the run's apply):
+    ``ValueError`` names the keys that differ."""
     ckpt = load_checkpoint(path)
     theirs, ours = ckpt.model.to_dict(), cfg.model.to_dict()
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    diff = sorted(k for k in set(theirs) | set(ours) if k not in INIT_FREE_KEYS and theirs.get(k) != ours.get(k))
     if diff:
         shown = ", ".join(f"{k} = {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff)
         raise ValueError(f"--init {path}: its model config differs from this run's ({shown}); "

@@ -8,6 +8,7 @@ from torch import nn
 from ..config import DiffusionConfig, ModelConfig
 from .anchor import anchor_for
 from .blocks import AttentionBlock, CondSequential, GroupNorm32, ResBlock, TimeEmbed
+from .motion_mask import apply_mask, mask_box
 
 
 class DiffusedHeadsUNet(nn.Module):
@@ -39,6 +40,7 @@ class DiffusedHeadsUNet(nn.Module):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
         self.color_anchor = anchor_for(config, diffusion)
+        self.motion_mask_px = mask_box(config.motion_mask, config.image_size)
 
     def _res(self, ch: int, emb_dim: int, out: int, **kw) -> ResBlock:
         return ResBlock(ch, emb_dim, out, dropout=self.config.dropout, groups=self.config.groups, **kw)
@@ -82,6 +84,8 @@ class DiffusedHeadsUNet(nn.Module):
         Returns [B, 6, H, W] (eps, then the variance interpolation v) or [B, 3, H, W]."""
         b = x.shape[0]
         motion = motion_frames.reshape(b, -1, *x.shape[2:])
+        if self.motion_mask_px is not None:
+            motion = apply_mask(motion, self.motion_mask_px)
         h = torch.cat([x, motion, x_cond], dim=1)
         t_emb = self.time_embed(timesteps)
         a_emb = self.audio_embed(audio_emb.reshape(b, -1).to(t_emb.dtype))
