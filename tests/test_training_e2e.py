@@ -130,9 +130,15 @@ def test_init_fine_tunes_from_a_checkpoints_weights(prepared, run_a, tmp_path):
     # from trained weights the first losses are far below a fresh run's first ones
     assert max(b.losses) < 0.8 * float(np.mean(a.losses[:2])), (b.losses, a.losses[:2])
     with pytest.raises(ValueError, match=r"--init .*last\.pt: its model config differs from this run's "
-                                         r"\(dropout = 0\.0 there, 0\.1 here\); pass --set model\.KEY=VALUE"):
-        cfg = load_config("tiny", ["model.dropout=0.1"])
+                                         r"\(num_res_blocks = 1 there, 2 here\); pass --set model\.KEY=VALUE"):
+        cfg = load_config("tiny", ["model.num_res_blocks=2", "model.dropout=0.1"])  # dropout may differ
         fit(cfg, prepared, tmp_path / "bad", progress=False, until=1, init=out / "last.pt")
+    # settings without weights may change: a colour anchor (its buffers are the new model's) and a mask
+    cfg = load_config("tiny", ["model.color_anchor=identity", "model.motion_mask=[0.25, 0.5, 0.75, 0.9]"])
+    c = fit(cfg, prepared, tmp_path / "anchored", progress=False, until=1, init=out / "last.pt")
+    assert c.end_step == 1 and np.isfinite(c.losses).all()
+    got = load_checkpoint(tmp_path / "anchored" / "last.pt")
+    assert got.model.color_anchor == "identity" and got.model.motion_mask == (0.25, 0.5, 0.75, 0.9)
 
 
 def test_checkpoint_is_an_engine_checkpoint(prepared, run_a, tmp_path):
