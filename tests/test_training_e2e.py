@@ -133,6 +133,17 @@ def test_init_fine_tunes_from_a_checkpoints_weights(prepared, run_a, tmp_path):
                                          r"\(num_res_blocks = 1 there, 2 here\); pass --set model\.KEY=VALUE"):
         cfg = load_config("tiny", ["model.num_res_blocks=2", "model.dropout=0.1"])  # dropout may differ
         fit(cfg, prepared, tmp_path / "bad", progress=False, until=1, init=out / "last.pt")
+    # other audio features: refused before the run folder is made
+    from dataclasses import replace
+
+    from dheads.engine.checkpoint import save_checkpoint
+    from dheads.engine.config import AudioConfig
+
+    other = save_checkpoint(tmp_path / "sda.pt", replace(load_checkpoint(out / "last.pt"),
+                                                         audio=AudioConfig(encoder="sda", dim=384)))
+    with pytest.raises(ValueError, match=r"^--init .*sda\.pt: trained on \{'encoder': 'sda'.* audio features, but "):
+        fit(_tiny(), prepared, tmp_path / "bad_audio", progress=False, until=1, init=other)
+    assert not (tmp_path / "bad_audio").exists()
     # settings without weights may change: a colour anchor (its buffers are the new model's) and a mask
     cfg = load_config("tiny", ["model.color_anchor=identity", "model.motion_mask=[0.25, 0.5, 0.75, 0.9]"])
     c = fit(cfg, prepared, tmp_path / "anchored", progress=False, until=1, init=out / "last.pt")

@@ -243,9 +243,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
                  resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-                 init_weights: dict[str, torch.Tensor] | None = None):
+                 init_weights: dict[str, torch.Tensor] | None = None, init_source: tuple[str, dict] | None = None):
         """``init_weights``: start from these weights (e.g. a distillation teacher's) instead of a random
-        init; a ``resume`` checkpoint's weights replace them."""
+        init; a ``resume`` checkpoint's weights replace them. ``init_source``: ``(name, audio config dict)``
+        of the checkpoint they came from, checked against the data's audio before anything is written."""
         self.cfg, self.out, self.show_progress = cfg, Path(out), progress
         self.dist = setup_distributed(device)
         if cfg.train.precision == "fp16" and self.dist.device.type != "cuda":
@@ -254,6 +255,8 @@ class Trainer:
         self.store = ClipStore(data, "train", cfg.data.cache)
         self.dataset = FrameDataset(self.store, cfg.model, cfg.loss)
         self.audio: AudioConfig = self.store.audio
+        if init_source is not None:
+            self._require_audio(*init_source)
         self.tables = make_tables(schedule_for(cfg.diffusion), self.dist.device)
 
         self.health_batch = self._health_batch() if self.dist.is_main else None
@@ -279,6 +282,12 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %.2f M parameters on %s, world size %d, starting at step %d", n_params / 1e6,
                  self.dist.device, self.dist.world_size, self.step)
+
+    def _require_audio(self, source: str, audio: dict) -> None:
+        """``ValueError`` unless a checkpoint's audio config (``audio``, a dict) is the data's."""
+        if audio != self.audio.to_dict():
+            raise ValueError(f"{source}: trained on {audio} audio features, but {self.store.root} "
+                             f"holds {self.audio.to_dict()}")
 
     def _init_from(self, weights: dict[str, torch.Tensor]) -> None:
         """Load every parameter from ``weights``; buffers they lack (a colour anchor added for this run)
@@ -343,9 +352,7 @@ class Trainer:
         saved_model = obj["model_config"]
         if saved_model != self.cfg.model.to_dict():
             raise ValueError(f"{path}: model config {saved_model} differs from this run's {self.cfg.model.to_dict()}")
-        if obj["audio_config"] != self.audio.to_dict():
-            raise ValueError(f"{path}: trained on {obj['audio_config']} audio features, but {self.store.root} "
-                             f"holds {self.audio.to_dict()}")
+        self._require_audio(str(path), obj["audio_config"])
         order = extra.get("data_order", {})
         if order.get("clips") not in (None, list(self.store.ids)):
             log.warning("%s: the training clips changed since this checkpoint; the data order will differ", path)
@@ -580,11 +587,9 @@ def fit(cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
     """
     start = init_checkpoint(init, cfg) if init is not None and resume is None else None
     trainer = Trainer(cfg, data, out, resume=resume, device=device, progress=progress,
-                      init_weights=start.weights(ema=True) if start else None)
+                      init_weights=start.weights(ema=True) if start else None,
+                      init_source=(f"--init {init}", start.audio.to_dict()) if start else None)
     if start is not None:
-        if start.audio.to_dict() != trainer.audio.to_dict():
-            raise ValueError(f"--init {init}: trained on {start.audio.to_dict()} audio features, but {data} "
-                             f"holds {trainer.audio.to_dict()}")
         log.info("starting from the weights of %s", init)
     try:
         return trainer.fit(until=until)
