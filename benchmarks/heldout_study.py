@@ -136,7 +136,7 @@ def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
          out: Optional[Path] = typer.Option(None), sampler: Optional[str] = typer.Option(None),
          steps: Optional[int] = typer.Option(None), seed: int = 0, long_seconds: float = 10.0,
          strips: Optional[Path] = typer.Option(None),
-         frame_noise: str = typer.Option("fresh", help="fresh | repeat (with --sampler and --steps)"),
+         frame_noise: str = typer.Option("fresh", help="fresh | repeat | a correlation in (0, 1) (with --sampler and --steps)"),
          warm_steps: int = typer.Option(0, help="warm start (with --sampler and --steps)")) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = (SamplerConfig(sampler, steps, frame_noise=frame_noise, warm_steps=warm_steps)

@@ -46,11 +46,14 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
                  max_seconds: float | None, frame: int, spacing: str | None = None,
                  frame_noise: str | None = None) -> None:
     """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
-    from .config import FRAME_NOISE, SPACINGS
+    from .config import SPACINGS
+    from .noise import noise_correlation
 
-    if frame_noise is not None and frame_noise not in FRAME_NOISE:
-        raise typer.BadParameter(f"must be one of {', '.join(FRAME_NOISE)}, got {frame_noise!r}",
-                                 param_hint="--frame-noise")
+    if frame_noise is not None:
+        try:
+            noise_correlation(frame_noise)
+        except ValueError as e:
+            raise typer.BadParameter(str(e).removeprefix("frame noise "), param_hint="--frame-noise") from None
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
     if spacing is not None and spacing not in SPACINGS:
@@ -115,8 +118,9 @@ def run(
                                                       "else uniform."),
     frame_noise: Optional[str] = typer.Option(None, help="fresh: new noise every frame (the authors' way); repeat: "
                                                           "every frame reuses frame 0's noise, so frames differ only "
-                                                          "where their audio and motion do. Default: the preset's, "
-                                                          "else fresh."),
+                                                          "where their audio and motion do; a number between 0 and 1 "
+                                                          "(e.g. 0.8): each frame's noise correlated that much with "
+                                                          "every other frame's. Default: the preset's, else the model's."),
     preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
                                                     "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),

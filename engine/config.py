@@ -212,7 +212,6 @@ class RuntimeConfig:
 
 TABLES = ("float64", "authors")
 SPACINGS = ("uniform", "karras")  # engine.schedule.SPACINGS holds the functions
-FRAME_NOISE = ("fresh", "repeat")
 
 
 @dataclass(frozen=True)
@@ -224,8 +223,9 @@ class SamplerConfig:
     noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
     ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule) or ``karras``
     (EDM's rho = 7 placement, denser at low noise). ``frame_noise``: ``fresh`` (each frame draws new
-    noise, the authors' way) or ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
-    differ only where their conditioning does).
+    noise, the authors' way), ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
+    differ only where their conditioning does), or a correlation between 0 and 1 such as ``"0.8"``
+    (``engine/noise.py``: each frame's noise still N(0, I), correlated 0.8 with every other frame's).
     """
 
     name: str = "ddpm"
@@ -249,8 +249,9 @@ class SamplerConfig:
             raise ValueError(f"warm steps must be in 0..steps ({self.steps}), got {self.warm_steps}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
-        if self.frame_noise not in FRAME_NOISE:
-            raise ValueError(f"frame noise must be one of {', '.join(FRAME_NOISE)}, got {self.frame_noise!r}")
+        from .noise import noise_correlation  # the one parser of frame-noise names
+
+        noise_correlation(self.frame_noise)
         if self.tables == "authors" and self.spacing != "uniform":
             raise ValueError("tables = authors reproduces the authors' sampler, which spaces steps uniformly; "
                              "use spacing uniform")

@@ -4,6 +4,12 @@ Layout for frame i: one tensor ``[1 + n_steps, B, 3, H, W]``; row 0 is the initi
 ``1 + k`` the z added at respaced step k (row 1, for k = 0, is never used: the last step adds none).
 Seeded noise draws these rows for frame 0, then frame 1, ... from one generator on the sampling
 device, so the same seed on the same device gives the same video.
+
+Across frames the noise is ``fresh`` (independent, the authors' way), ``repeat`` (every frame frame 0's)
+or correlated: ``frame_noise = "0.8"`` gives frame i ``sqrt(0.8) s + sqrt(0.2) z_i``, with ``s`` one
+draw shared by the whole video and ``z_i`` the frame's own. Every frame's noise is still exactly N(0, I),
+so each frame is sampled as before given its conditioning; only the correlation between frames'
+noise, here 0.8, changes (the grain that fresh noise redraws every frame is largely kept).
 """
 
 from __future__ import annotations
@@ -14,28 +20,57 @@ import torch
 
 NoiseFn = Callable[[int, torch.Tensor], None]  # (frame index, out buffer) -> fills out in place
 
+FRAME_NOISE = ("fresh", "repeat")  # or a correlation strictly between 0 and 1, written as a number
+
+
+def noise_correlation(frame_noise: str) -> float:
+    """The correlation between two frames' noise that ``frame_noise`` names: fresh 0, repeat 1, or the
+    number it spells (strictly between 0 and 1). ValueError (one line) for anything else."""
+    named = {"fresh": 0.0, "repeat": 1.0}
+    if frame_noise in named:
+        return named[frame_noise]
+    try:
+        corr = float(frame_noise)
+    except (TypeError, ValueError):
+        corr = float("nan")
+    if not 0.0 < corr < 1.0:  # also refuses nan and inf
+        raise ValueError(f"frame noise must be one of {', '.join(FRAME_NOISE)} or a correlation between 0 and 1 "
+                         f"(e.g. 0.8), got {frame_noise!r}")
+    return corr
+
 
 class SeededNoise:
-    """Fills a frame's noise buffer from a ``torch.Generator`` seeded once per video; ``repeat``: reseeded
-    every frame, so every frame gets frame 0's noise (``SamplerConfig(frame_noise="repeat")``)."""
+    """Fills a frame's noise buffer from a ``torch.Generator`` seeded once per video. ``corr`` (module doc,
+    ``noise_correlation``): 0 fresh; 1 reseeded every frame, so every frame gets frame 0's noise; between,
+    the generator's first draw is the shared part (kept in a buffer made on the first call) and each frame
+    then draws its own part from the same generator."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu", repeat: bool = False):
-        self.seed, self.repeat = seed, repeat
+    def __init__(self, seed: int, device: torch.device | str = "cpu", corr: float = 0.0):
+        if not 0.0 <= corr <= 1.0:
+            raise ValueError(f"noise correlation must be in [0, 1], got {corr}")
+        self.seed, self.corr = seed, corr
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self._shared: torch.Tensor | None = None
 
     def __call__(self, frame: int, out: torch.Tensor) -> None:
-        if self.repeat:
+        if self.corr == 1.0:
             self.generator.manual_seed(self.seed)
+        if self.corr in (0.0, 1.0):
+            torch.randn(out.shape, generator=self.generator, out=out, device=out.device, dtype=out.dtype)
+            return
+        if self._shared is None or self._shared.shape != out.shape:
+            self._shared = torch.randn(out.shape, generator=self.generator, device=out.device, dtype=out.dtype)
         torch.randn(out.shape, generator=self.generator, out=out, device=out.device, dtype=out.dtype)
+        out.mul_((1.0 - self.corr) ** 0.5).add_(self._shared, alpha=self.corr ** 0.5)
 
 
 class PerStreamNoise:
     """Stream b of a batch gets exactly the noise ``SeededNoise(seeds[b])`` gives a batch of one, so a
     video made in a batch is the video made alone with its seed (up to batched-kernel rounding)."""
 
-    def __init__(self, seeds: list[int], device: torch.device | str = "cpu", repeat: bool = False):
-        self.streams = [SeededNoise(s, device, repeat) for s in seeds]
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu", corr: float = 0.0):
+        self.streams = [SeededNoise(s, device, corr) for s in seeds]
         self._one: torch.Tensor | None = None  # [1 + n_steps, 1, 3, H, W] scratch, made on first use
 
     def __call__(self, frame: int, out: torch.Tensor) -> None:
@@ -61,10 +96,10 @@ class TensorNoise:
         out.copy_(self.noise[frame], non_blocking=True)
 
 
-def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, repeat: bool = False) -> NoiseFn:
-    """The caller's noise, else ``SeededNoise(seed)`` (``repeat``: the same noise every frame)."""
+def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, frame_noise: str = "fresh") -> NoiseFn:
+    """The caller's noise, else ``SeededNoise(seed)`` correlated across frames as ``frame_noise`` says."""
     if noise is None:
-        return SeededNoise(seed, device, repeat)
+        return SeededNoise(seed, device, noise_correlation(frame_noise))
     if isinstance(noise, torch.Tensor):
         return TensorNoise(noise)
     return noise

@@ -96,7 +96,8 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
         "crop centre": ([*ok, "--crop", "centre"], "Invalid value for --crop: must be 'auto' or 'none', got 'centre'"),
         "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, got 'log'"),
         "frame-noise same": ([*ok, "--frame-noise", "same"],
-                             "Invalid value for --frame-noise: must be one of fresh, repeat, got 'same'"),
+                             "Invalid value for --frame-noise: must be one of fresh, repeat or a correlation between 0 and 1 "
+                             "(e.g. 0.8), got 'same'"),
         "seed 2**70": ([*ok, "--seed", str(2**70)], f"Invalid value for --seed: must be in 0..2**64-1, got {2**70}"),
         "max-seconds nan": ([*ok, "--max-seconds", "nan"],
                             "Invalid value for --max-seconds: must be a positive number of seconds, got nan"),

@@ -141,18 +141,42 @@ def test_sde_samples_gaussian_data_with_its_mean_and_spread():
     assert _sample_sde("dpmpp_2m_sde", 200, 0.5, seed=1).mean().item() == pytest.approx(MU, abs=0.01)
 
 
+def test_correlated_frame_noise_is_unit_gaussian_with_the_asked_correlation_and_reproducible():
+    from dheads.engine.noise import SeededNoise, noise_correlation
+
+    assert [noise_correlation(v) for v in ("fresh", "repeat", "0.8")] == [0.0, 1.0, 0.8]
+    frames = torch.empty(6, 2, 1, 3, 32, 32)  # 6 frames of a [1 + 1 steps, B=1, 3, 32, 32] buffer
+    fill = SeededNoise(11, corr=0.8)
+    for i in range(len(frames)):
+        fill(i, frames[i])
+    flat = frames.reshape(6, -1)  # 6144 values a frame
+    assert flat.mean().abs() < 0.02 and (flat.std(dim=1) - 1).abs().max() < 0.03  # each frame still N(0, 1)
+    corr = torch.corrcoef(flat)
+    off = corr[~torch.eye(6, dtype=torch.bool)]
+    assert (off - 0.8).abs().max() < 0.03, off  # sampling error of a correlation over 6144 values: ~0.005
+    again = torch.empty_like(frames)
+    refill = SeededNoise(11, corr=0.8)
+    for i in range(len(again)):
+        refill(i, again[i])
+    assert torch.equal(frames, again)
+    with pytest.raises(ValueError, match=r"^noise correlation must be in \[0, 1\], got 1.2$"):
+        SeededNoise(1, corr=1.2)
+
+
 def test_repeated_frame_noise_gives_every_frame_the_same_noise_and_matches_the_reference():
     from dheads.engine.generate import FrameLoop
     from dheads.engine.noise import SeededNoise
 
     a, b = torch.empty(4, 1, 3, 8, 8), torch.empty(4, 1, 3, 8, 8)
-    rep, fresh = SeededNoise(7, repeat=True), SeededNoise(7)
+    rep, fresh = SeededNoise(7, corr=1.0), SeededNoise(7)
     rep(0, a), rep(1, b)
     assert torch.equal(a, b)
     fresh(0, a), fresh(1, b)
     assert not torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"^frame noise must be one of fresh, repeat, got 'same'$"):
-        SamplerConfig("ddpm", 4, frame_noise="same")
+    for bad in ("same", "1.5", "0", "nan"):
+        with pytest.raises(ValueError, match=r"^frame noise must be one of fresh, repeat or a correlation between "
+                                             rf"0 and 1 \(e\.g\. 0\.8\), got '{bad}'$"):
+            SamplerConfig("ddpm", 4, frame_noise=bad)
 
     model = random_unet(SMALL, std=0.05)
     g = torch.Generator().manual_seed(5)
