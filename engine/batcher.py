@@ -24,7 +24,7 @@ from .backends.base import Denoiser
 from .conditioning import MotionRing, audio_window_indices
 from .config import DiffusionConfig, SamplerConfig
 from .image import to_uint8_frames
-from .noise import SeededNoise, noise_correlation
+from .noise import SeededNoise
 from .plan import SamplingPlan, make_plan, make_state, warm_start
 
 
@@ -55,7 +55,7 @@ class Stream:
         self.ring = MotionRing(1, cfg.motion_frames, 1 if cfg.grayscale_motion else 3, cfg.image_size, device=dev,
                                grayscale=cfg.grayscale_motion)
         self.ring.reset(self.identity)
-        self.noise_fn = SeededNoise(seed, dev, corr=noise_correlation(self.plan.sampler.frame_noise))
+        self.noise_fn = SeededNoise(seed, dev, corr=self.plan.sampler.noise_corr)
         self.noise = torch.empty(self.plan.steps + 1, 1, 3, cfg.image_size, cfg.image_size, device=dev)
         self.last = torch.empty_like(self.identity)  # the previous frame, for warm starts
         self.emb = torch.empty(0, cfg.audio_dim, device=dev)

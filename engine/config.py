@@ -256,6 +256,13 @@ class SamplerConfig:
             raise ValueError("tables = authors reproduces the authors' sampler, which spaces steps uniformly; "
                              "use spacing uniform")
 
+    @property
+    def noise_corr(self) -> float:
+        """The correlation between two frames' noise that ``frame_noise`` names (0 fresh, 1 repeat)."""
+        from .noise import noise_correlation
+
+        return noise_correlation(self.frame_noise)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 

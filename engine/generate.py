@@ -155,7 +155,7 @@ def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch
     loop = loop or FrameLoop(denoiser, config)
     dev = denoiser.device
     table, lengths = _prepare_audio(streams, denoiser.config.audio_window, dev)
-    noise_fn = as_noise_fn(noise, seed, dev, frame_noise=loop.plan.sampler.frame_noise)
+    noise_fn = as_noise_fn(noise, seed, dev, corr=loop.plan.sampler.noise_corr)
     loop.identity.copy_(identity)
     loop.ring.reset(loop.identity)
     loop.reset()

@@ -96,10 +96,10 @@ class TensorNoise:
         out.copy_(self.noise[frame], non_blocking=True)
 
 
-def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, frame_noise: str = "fresh") -> NoiseFn:
-    """The caller's noise, else ``SeededNoise(seed)`` correlated across frames as ``frame_noise`` says."""
+def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, corr: float = 0.0) -> NoiseFn:
+    """The caller's noise, else ``SeededNoise(seed)`` with frames' noise correlated ``corr``."""
     if noise is None:
-        return SeededNoise(seed, device, noise_correlation(frame_noise))
+        return SeededNoise(seed, device, corr)
     if isinstance(noise, torch.Tensor):
         return TensorNoise(noise)
     return noise

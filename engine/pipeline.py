@@ -25,7 +25,7 @@ from .backends.base import BackendError, Denoiser
 from .config import RuntimeConfig, SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
-from .noise import NoiseFn, PerStreamNoise, noise_correlation
+from .noise import NoiseFn, PerStreamNoise
 from .plan import default_sampler
 from .video import MP4Writer, check_output
 
@@ -207,7 +207,7 @@ class TalkingHead:
         dev = self.denoiser.device
         if noise is None:
             noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev,
-                                   corr=noise_correlation(cfg.sampler.frame_noise))
+                                   corr=cfg.sampler.noise_corr)
         identity = torch.cat([x.identity for x in inputs]).to(dev)
         with self._checkout(cfg) as loop:
             for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,

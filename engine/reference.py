@@ -29,7 +29,7 @@ def generate_reference(model: DiffusedHeadsUNet, identity: torch.Tensor, audio_e
     plan = make_plan(diffusion, sampler)
     tables = plan.tables(device)
     windows = audio_windows(audio_emb, cfg.audio_window)
-    noise_fn = as_noise_fn(noise, seed, device, frame_noise=plan.sampler.frame_noise)
+    noise_fn = as_noise_fn(noise, seed, device, corr=plan.sampler.noise_corr)
     motion = [motion_transform(identity, cfg.grayscale_motion)] * cfg.motion_frames
     frames: list[torch.Tensor] = []
     for i in range(audio_emb.shape[0]):
