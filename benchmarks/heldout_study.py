@@ -10,7 +10,9 @@ soundtrack the audio. Measured on the generated video, beside the real clip wher
 * lip sync: the ``dh-eval`` proxy against the clip's own audio and against every other clip's audio;
 * long run (``--long-seconds``, default 10): the clip's audio followed by the other clips' audio,
   generated in one go; per 1-s bucket the colour drift and the grain (mean squared Laplacian of the
-  luma), and a strip of frames (identity, then one frame a second) as PNG.
+  luma), the local shading drift (``metrics.local_drift``: the worst 8x8 block's luma change from the
+  identity, mouth left out; it sees a darkening patch that the grain and the mean colour miss), and a
+  strip of frames (identity, then one frame a second) as PNG.
 
 Usage: ``python -m dheads.benchmarks.heldout_study CLIPS... --engine E [--data PREPARED] --out F.json``.
 """
@@ -32,7 +34,7 @@ from dheads.engine.config import SamplerConfig
 from dheads.engine.pipeline import Inputs, TalkingHead
 
 from .evaluate import mouth_signal
-from .metrics import color_metrics, fmse, lip_sync_proxy, loudness_envelope, ofm
+from .metrics import color_metrics, fmse, lip_sync_proxy, local_drift_per_second, loudness_envelope, ofm
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ def study(clips: list[Path], engine: str | None, *, controls: list[Path] = (), d
                "color_drift_max": color.drift_max, "fmse": fmse(list(frames)), "ofm": ofm(list(frames))}
         if real is not None:
             row.update({"real_color_flicker": color_metrics(real, fps).flicker, "real_fmse": fmse(list(real)),
-                        "real_ofm": ofm(list(real))})
+                        "real_ofm": ofm(list(real)),
+                        "real_local_drift_per_second": local_drift_per_second(real, real[0], fps)})
         if long_seconds > 0:
             order = [clip.stem] + [c.stem for c in pool if c != clip]
             samples = np.concatenate([audio[k] for k in order] * int(1 + long_seconds // 2))[: int(long_seconds * rate)]
@@ -101,6 +104,7 @@ def study(clips: list[Path], engine: str | None, *, controls: list[Path] = (), d
             row["long"] = {"seconds": long_seconds, "color_flicker": long_color.flicker,
                            "color_drift_per_second": list(long_color.drift_per_second),
                            "grain_per_second": per_second(grain(long_frames), fps),
+                           "local_drift_per_second": local_drift_per_second(long_frames, ident, fps),
                            "identity_grain": float(grain(ident[None])[0])}
             if strip_dir is not None:
                 strip_dir.mkdir(parents=True, exist_ok=True)

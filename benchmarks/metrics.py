@@ -453,3 +453,39 @@ def color_metrics(frames: Iterable[np.ndarray], fps: float = 25.0, *, identity: 
     """
     means = np.array([mean_color(f) for f in frames])
     return color_summary(means, fps, None if identity is None else mean_color(identity))
+
+
+# ----------------------------------------------------------------------------- local shading drift
+
+MOUTH_REGION = (0.30, 0.55, 0.70, 0.95)  # (x0, y0, x1, y1) fractions of a face crop: the mouth moves, so it is left out
+
+
+def local_drift(frame: np.ndarray, identity: np.ndarray, *, blocks: int = 16, worst: int = 4,
+                exclude: Sequence[float] | None = MOUTH_REGION) -> float:
+    """Local shading drift of ``frame`` vs ``identity`` (equal ``[H, W(, 3)]``), levels of 255: the mean of the
+    ``worst`` largest ``|mean luma difference|`` over a ``blocks`` x ``blocks`` grid of area means, blocks whose
+    centre lies in ``exclude`` (the mouth, which moves) left out.
+
+    A patch of the face growing darker over a long rollout (the eyes, on the demo's fine-tunes) moves a
+    few blocks' means by tens of levels while the frame's mean colour (:func:`color_metrics`) and its grain
+    hardly move; fine grain averages out inside a block. Calibrated on the 10-s strips in
+    ``benchmarks/results/``: faces that stay stable score 10-18 after the first second (small head motion
+    and blinks), the darkening ones climb past 25 within 5 s.
+    """
+    a, b = _luma(frame), _luma(identity)
+    if a.shape != b.shape:
+        raise ValueError(f"local_drift needs equal shapes, got {a.shape} and {b.shape}")
+    size = (blocks, blocks)
+    diff = np.abs(cv2.resize(a, size, interpolation=cv2.INTER_AREA) - cv2.resize(b, size, interpolation=cv2.INTER_AREA))
+    if exclude is not None:
+        centre = (np.arange(blocks) + 0.5) / blocks
+        cx, cy = np.meshgrid(centre, centre)
+        x0, y0, x1, y1 = exclude
+        diff = np.where((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1), 0.0, diff)
+    return float(np.sort(diff.ravel())[-worst:].mean())
+
+
+def local_drift_per_second(frames: Iterable[np.ndarray], identity: np.ndarray, fps: float) -> list[float]:
+    """:func:`local_drift` of every frame vs ``identity``, averaged in whole seconds."""
+    d = np.array([local_drift(f, identity) for f in frames])
+    return list(drift_summary(d, fps).per_second)

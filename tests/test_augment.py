@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dheads.training.augment import LEVEL, augment, corrupt_motion, gaussian_blur, hflip_sample, ramp
+from dheads.training.augment import SHADE_GRID, LEVEL, augment, corrupt_motion, gaussian_blur, hflip_sample, ramp
 from dheads.training.config import DataConfig
 from dheads.training.losses import box_mask
 
@@ -77,8 +77,40 @@ def test_augmentation_is_a_pure_function_of_its_seed_and_ramps_up():
     assert torch.equal(at0["motion"], b["motion"])  # strength 0 at step 0
 
 
+def test_shading_is_smooth_local_shared_and_bounded():
+    """The shading field: the same for every frame and channel of a sample, peak magnitude ~ U(0, shade)
+    levels, varying across the image (not a uniform offset) but smooth (no pixel-to-pixel grain)."""
+    motion = torch.zeros(64, 6, 32, 32)
+    out = corrupt_motion(motion, 2, noise=0.0, blur=0.0, color=0.0, prob=1.0, shade=20.0,
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out[:, :3], out[:, 3:])  # both motion frames
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])  # luminance: every channel
+    peak = out.abs().amax(dim=(1, 2, 3)) / LEVEL
+    assert peak.max() <= 20.0 + 1e-3 and peak.max() > 15.0 and peak.mean() == pytest.approx(10.0, rel=0.25)
+    field = out[:, 0] / LEVEL
+    spread = field.amax(dim=(1, 2)) - field.amin(dim=(1, 2))
+    assert (spread > 0.5 * peak).all()  # local: parts of the face darker, others lighter or untouched
+    step = (field[:, 1:] - field[:, :-1]).abs().amax(dim=(1, 2))
+    assert (step <= peak * 4.0 / (32 / (SHADE_GRID - 1)) + 1e-3).all()  # smooth: a few levels a pixel at most
+    none = corrupt_motion(motion, 2, noise=0.0, blur=0.0, color=0.0, prob=0.0, shade=20.0,
+                          generator=torch.Generator().manual_seed(3))
+    assert torch.equal(none, motion)
+
+
+def test_shading_alone_turns_the_corruption_on_and_keeps_older_recipes_draws():
+    b = _batch()
+    shaded = augment(b, DataConfig(motion_corrupt_prob=1.0, motion_shade=12.0), 2, 10, torch.Generator().manual_seed(4))
+    assert not torch.equal(shaded["motion"], b["motion"])
+    old = DataConfig(motion_corrupt_prob=0.5, motion_noise=6.0, motion_blur=1.0, motion_color=6.0)
+    assert torch.equal(augment(b, old, 2, 10, torch.Generator().manual_seed(4))["motion"],
+                       corrupt_motion(b["motion"], 2, noise=6.0, blur=1.0, color=6.0, prob=0.5,
+                                      generator=torch.Generator().manual_seed(4)))
+
+
 def test_bad_augmentation_values_are_refused():
     with pytest.raises(ValueError, match="data.hflip must be in \\[0, 1\\], got 1.5"):
         DataConfig(hflip=1.5)
     with pytest.raises(ValueError, match="data.motion_noise must be >= 0, got -1"):
         DataConfig(motion_noise=-1)
+    with pytest.raises(ValueError, match="data.motion_shade must be >= 0, got -2"):
+        DataConfig(motion_shade=-2)

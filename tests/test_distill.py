@@ -89,6 +89,18 @@ def test_round_grids_nest_and_end_on_the_engine_grid():
         D.DistillConfig(steps=1)
 
 
+def test_a_finer_first_teacher_takes_four_or_eight_steps_per_student_step():
+    sg = respaced_timesteps(1000, 13)
+    (tg4, sg4), = D.round_grids(1000, 13, 1, teacher_substeps=4)
+    assert sg4 == sg and len(tg4) == 49 and set(sg) <= set(tg4)
+    assert all(len(D.teacher_path(tg4, hi, lo)) == 4 for lo, hi in zip(sg, sg[1:]))
+    assert D.teacher_path(tg4, 0, D.CLEAN) == [0]  # the last segment has no finer steps below t = 0
+    two = D.round_grids(1000, 4, 2, teacher_substeps=8)
+    assert len(two[0][0]) == 49 and two[1] == D.round_grids(1000, 4, 2)[1]  # later rounds: a student teaches, 2 steps
+    with pytest.raises(ValueError, match="--teacher-substeps must be 2, 4 or 8, got 3"):
+        D.DistillConfig(teacher_substeps=3)
+
+
 def _analytic(mu: torch.Tensor, abar_of):
     """The exact denoiser of data concentrated at ``mu``: eps = (x_t - sqrt(abar) mu) / sqrt(1 - abar)."""
     def model(x, t, identity, motion_frames=None, audio_emb=None):
@@ -193,7 +205,7 @@ def test_cli_distill_two_ddpm_rounds_and_a_foreign_folder(teacher, data, tmp_pat
     assert first.diffusion.sampling_steps == 3 and last.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm")
     assert last.meta["distill"]["teacher_grid"] == [0, 500, 999] and last.meta["distill"]["sampler"] == "ddpm"
     assert last.meta["distill"]["teacher"] == str(teacher) and last.meta["distill"]["rollout"] == 1.0
-    with pytest.raises(ValueError, match="another teacher or step count"):
+    with pytest.raises(ValueError, match="another teacher, step count or teacher path"):
         D.distill(teacher, data, out, D.DistillConfig(steps=3, rounds=2), _base(steps=1), progress=False)
 
 

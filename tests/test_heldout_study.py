@@ -34,6 +34,7 @@ def test_study_on_a_held_out_clip(shared_data, tmp_path):
         assert math.isfinite(row[key]) and row[key] >= 0, key
     assert row["color_drift_max"] >= row["color_drift"]
     assert len(row["long"]["color_drift_per_second"]) == 1 and len(row["long"]["grain_per_second"]) == 1
+    assert len(row["long"]["local_drift_per_second"]) == 1 and 0 < row["long"]["local_drift_per_second"][0] < 255
     assert "lip_own" in row and "lip_other_mean" in row  # the control's audio is the mismatched pair
     strip = cv2.imread(str(tmp_path / "lbax4n_long.png"))
     assert strip.shape == (128, 2 * 128, 3)  # identity + one frame a second, 64 px upscaled 2x

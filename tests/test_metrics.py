@@ -318,6 +318,25 @@ def test_color_metrics_of_a_single_frame_or_none():
     assert math.isnan(empty.flicker) and math.isnan(empty.drift_mean) and empty.drift_per_second == ()
 
 
+def test_local_drift_sees_a_darkened_patch_that_the_mean_colour_hides(face_like):
+    """An 8x8-px patch of a 64x64 face (four of its 16 x 16 blocks of 4x4 px) darkened by 40 levels: local
+    drift 40 (the worst 4 blocks lie inside it) while the mean colour moves by under 1 level."""
+    face = face_like[:64, :64].copy()
+    dark = face.copy()
+    dark[16:24, 16:24] -= 40  # face_like is >= 30, so no wrap; eye height, outside the mouth region
+    assert M.local_drift(face, face) == 0.0
+    assert M.local_drift(dark, face) == pytest.approx(40.0, abs=1e-6)
+    assert M.color_metrics([dark], FPS, identity=face).drift_mean < 1.0
+    mouth = face.copy()
+    mouth[44:56, 24:40] -= 25  # inside MOUTH_REGION: a mouth opening is not drift
+    assert M.local_drift(mouth, face) == pytest.approx(0.0, abs=1e-9)
+    assert M.local_drift(mouth, face, exclude=None) == pytest.approx(25.0, abs=1e-6)
+    per_s = M.local_drift_per_second([face] * 25 + [dark] * 25, face, FPS)
+    assert per_s == pytest.approx([0.0, 40.0], abs=1e-6)
+    with pytest.raises(ValueError, match="equal shapes"):
+        M.local_drift(face, face_like)
+
+
 def test_real_grid_video_barely_flickers(shared_data):
     """Real video: colour flicker 0.07-0.10 levels on the GRID clips at 128x128 (measured), against
     25-31 for the demo model's flickering output."""

@@ -8,9 +8,13 @@ but colour and detail from the identity frame. Per sample, with probability ``mo
 * Gaussian noise of std ~ U(0, motion_noise) levels of 255, independent per pixel;
 * a Gaussian blur of sigma ~ U(0, motion_blur) pixels (at the model's resolution);
 * a colour offset ~ U(-motion_color, motion_color) levels of 255 per channel, the same for every
-  motion frame of the sample (model drift is slow, so it is shared by consecutive frames).
+  motion frame of the sample (model drift is slow, so it is shared by consecutive frames);
+* a local shading: a smooth brightness field (a ``SHADE_GRID`` x ``SHADE_GRID`` grid of N(0, 1) values,
+  bicubically upsampled, scaled so its largest magnitude is ~ U(0, motion_shade) levels), added to every
+  channel of every motion frame of the sample: the slow, local drift long rollouts show (a patch of the
+  face, often the eyes, growing darker), which a uniform offset cannot imitate.
 
-The three maxima ramp linearly from 0 to their values over the first ``motion_corrupt_ramp`` steps.
+The maxima ramp linearly from 0 to their values over the first ``motion_corrupt_ramp`` steps.
 ``hflip``: the probability of mirroring a whole sample (target, identity, motion frames, lip box).
 Every draw comes from the generator passed in, so a step's augmentation is a pure function of its seed.
 """
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 LEVEL = 2.0 / 255.0  # one level of 255 in the [-1, 1] image range
+SHADE_GRID = 4  # the shading field's control points per side (blobs ~ a quarter of the face wide)
 
 
 def ramp(step: int, ramp_steps: int) -> float:
@@ -52,8 +57,17 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(b, c, h, w)
 
 
+def shade_field(b: int, h: int, w: int, amplitude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[B, 1, H, W] smooth fields: a ``SHADE_GRID``-square N(0, 1) grid upsampled bicubically to H x W, each
+    scaled so its largest magnitude is ``amplitude[b]`` (levels of 255, as image units)."""
+    grid = torch.randn(b, 1, SHADE_GRID, SHADE_GRID, generator=generator, dtype=torch.float64)
+    field = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)
+    peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return field / peak * amplitude.view(b, 1, 1, 1) * LEVEL
+
+
 def corrupt_motion(motion: torch.Tensor, frames: int, *, noise: float, blur: float, color: float, prob: float,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, shade: float = 0.0) -> torch.Tensor:
     """Corrupted copy of ``motion`` [B, M*c, H, W] (M = ``frames`` motion frames); levels of 255, pixels."""
     b, mc, h, w = motion.shape
     c = mc // frames
@@ -65,6 +79,9 @@ def corrupt_motion(motion: torch.Tensor, frames: int, *, noise: float, blur: flo
     if color > 0:
         offset = _uniform(b * c, generator, -color, color).view(b, 1, c, 1, 1).to(motion.dtype).to(motion.device)
         out = (out.view(b, frames, c, h, w) + offset * LEVEL * hit.view(b, 1, 1, 1, 1)).view(b, mc, h, w)
+    if shade > 0:
+        field = shade_field(b, h, w, _uniform(b, generator, 0.0, shade) * hit.double().cpu(), generator)
+        out = out + field.to(motion.dtype).to(motion.device)  # broadcast over every frame and channel
     if noise > 0:
         std = (_uniform(b, generator, 0.0, noise).to(motion.dtype).to(motion.device) * hit * LEVEL).view(b, 1, 1, 1)
         z = torch.randn(motion.shape, generator=generator, dtype=motion.dtype).to(motion.device)
@@ -99,9 +116,10 @@ def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: 
         out = hflip_sample(out, (_uniform(b, generator) < data_cfg.hflip).to(batch["x0"].device))
     s = ramp(step, data_cfg.motion_corrupt_ramp)
     if data_cfg.motion_corrupt_prob > 0 and s > 0 and (data_cfg.motion_noise or data_cfg.motion_blur
-                                                        or data_cfg.motion_color):
+                                                        or data_cfg.motion_color or data_cfg.motion_shade):
         out = dict(out)
         out["motion"] = corrupt_motion(out["motion"], motion_frames, noise=s * data_cfg.motion_noise,
                                        blur=s * data_cfg.motion_blur, color=s * data_cfg.motion_color,
-                                       prob=data_cfg.motion_corrupt_prob, generator=generator)
+                                       prob=data_cfg.motion_corrupt_prob, generator=generator,
+                                       shade=s * data_cfg.motion_shade)
     return out

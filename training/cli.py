@@ -154,6 +154,9 @@ def distill(
                                                 "previous step")] = 0.5,
     sampler: Annotated[str, typer.Option(help="the teacher's steps and the student's: ddim (deterministic) or "
                                               "ddpm (ancestral; the student learns the mean of two)")] = "ddim",
+    teacher_substeps: Annotated[int, typer.Option(help="the first round's teacher steps per student step: 2 "
+                                                       "(Salimans & Ho), 4 or 8 (a finer teacher path, "
+                                                       "that many times the teacher calls)")] = 2,
     config: Annotated[str, typer.Option(help="preset or .toml for the data/loss/optim/train sections "
                                              "(train.steps is per round); model and diffusion come from "
                                              "the teacher")] = "distill",
@@ -177,7 +180,8 @@ def distill(
     from .distill import distill as run_distill
 
     try:
-        dcfg = DistillConfig(steps=steps, rounds=rounds, rollout=rollout, sampler=sampler)
+        dcfg = DistillConfig(steps=steps, rounds=rounds, rollout=rollout, sampler=sampler,
+                             teacher_substeps=teacher_substeps)
         result = run_distill(teacher, data, out, dcfg, load_config(config, list(set_ or [])), resume=resume,
                              device=device, progress=progress)
     except (ValueError, FileNotFoundError, CheckpointError) as e:

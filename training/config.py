@@ -49,7 +49,8 @@ class DataConfig:
     motion_noise: float = 0.0  # max std of the added Gaussian noise, levels of 255
     motion_blur: float = 0.0  # max Gaussian blur sigma, pixels at model.image_size
     motion_color: float = 0.0  # max per-channel colour offset, levels of 255
-    motion_corrupt_ramp: int = 0  # steps over which the three maxima ramp up from 0
+    motion_shade: float = 0.0  # max peak of a smooth local brightness field, levels of 255
+    motion_corrupt_ramp: int = 0  # steps over which the maxima ramp up from 0
 
     def __post_init__(self) -> None:
         _check_choice("data.identity", self.identity, ("random", "first"))
@@ -59,7 +60,7 @@ class DataConfig:
         for name in ("hflip", "motion_corrupt_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("motion_noise", "motion_blur", "motion_color", "motion_corrupt_ramp"):
+        for name in ("motion_noise", "motion_blur", "motion_color", "motion_shade", "motion_corrupt_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -74,6 +74,7 @@ class DistillConfig:
     rollout: float = 0.5  # fraction of samples whose input is the student's own previous step
     sampler: str = "ddim"  # the teacher's steps and the student's: ddim (Salimans & Ho) or ddpm (stochastic)
     method: str = "progressive"
+    teacher_substeps: int = 2  # the first round's teacher steps per student step (2, 4, 8: 2 = Salimans & Ho)
 
     def __post_init__(self) -> None:
         if self.steps < 2:
@@ -87,6 +88,8 @@ class DistillConfig:
             raise ValueError(f"sampler must be ddim or ddpm, got {self.sampler!r}")
         if self.method != "progressive":
             raise ValueError(f"method must be progressive, got {self.method!r}")
+        if self.teacher_substeps not in (2, 4, 8):
+            raise ValueError(f"--teacher-substeps must be 2, 4 or 8, got {self.teacher_substeps}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,16 +105,25 @@ def refine(grid: list[int]) -> list[int]:
     return sorted(grid + mids)
 
 
-def round_grids(num_timesteps: int, steps: int, rounds: int) -> list[tuple[list[int], list[int]]]:
+def round_grids(num_timesteps: int, steps: int, rounds: int, teacher_substeps: int = 2
+                ) -> list[tuple[list[int], list[int]]]:
     """``(teacher_grid, student_grid)`` of each round, first round first; ascending original timesteps.
 
     The last student grid is the engine's ``respaced_timesteps(T, steps)``; each earlier one is the next
-    one refined, so every teacher step pair lands exactly on a student step.
+    one refined, so every teacher step pair lands exactly on a student step. ``teacher_substeps`` (2, 4, 8):
+    the FIRST round's teacher grid is its student grid refined log2 of that many times, so the original
+    teacher takes that many steps per student step (a finer, more accurate teacher path; later rounds'
+    teachers are students, which sample well only on their own grid, so they take two).
     """
     grids = [respaced_timesteps(num_timesteps, steps)]
     for _ in range(rounds):
         grids.insert(0, refine(grids[0]))
-    return list(zip(grids[:-1], grids[1:]))
+    pairs = list(zip(grids[:-1], grids[1:]))
+    first_teacher = pairs[0][0]
+    for _ in range(teacher_substeps.bit_length() - 2):  # 2 -> 0 more refinements, 4 -> 1, 8 -> 2
+        first_teacher = refine(first_teacher)
+    pairs[0] = (first_teacher, pairs[0][1])
+    return pairs
 
 
 def teacher_path(teacher_grid: list[int], t_hi: int, t_lo: int) -> list[int]:
@@ -339,7 +351,7 @@ def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str |
     teacher0 = load_checkpoint(teacher_path)
     digest = sha256(teacher_path)
     T = teacher0.diffusion.num_timesteps
-    grids = round_grids(T, dcfg.steps, dcfg.rounds)
+    grids = round_grids(T, dcfg.steps, dcfg.rounds, dcfg.teacher_substeps)
     results, teacher = [], teacher0
     for r, (tg, sg) in enumerate(grids, start=1):
         cfg = student_config(base, teacher0, data, len(sg), dcfg.sampler)
@@ -351,8 +363,10 @@ def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str |
         ckpt = last if resume and last.is_file() else None
         if ckpt is not None:
             held = load_checkpoint(ckpt).meta.get("distill", {})
-            if held.get("teacher_sha256") != digest or held.get("round_steps") != len(sg):
-                raise ValueError(f"{run} holds a distillation of another teacher or step count; use a new --out")
+            if (held.get("teacher_sha256") != digest or held.get("round_steps") != len(sg)
+                    or held.get("round_teacher_steps", len(tg)) != len(tg)):
+                raise ValueError(f"{run} holds a distillation of another teacher, step count or teacher path; "
+                                 f"use a new --out")
         log.info("round %d/%d: %d-step %s teacher -> %d-step student (timesteps %s)", r, len(grids), len(tg),
                  dcfg.sampler, len(sg), sg)
         trainer = DistillTrainer(cfg, data, run, teacher=teacher, grids=(tg, sg), dcfg=dcfg, info=info,
