@@ -14,6 +14,10 @@ but colour and detail from the identity frame. Per sample, with probability ``mo
   channel of every motion frame of the sample: the slow, local drift long rollouts show (a patch of the
   face, often the eyes, growing darker), which a uniform offset cannot imitate.
 
+Before all that, with probability ``motion_rollout_prob``, a sample's motion frames are the model's own
+rollout's frames at the same positions (``dh-train rollouts``; the batch's ``motion_rollout``), the
+corruption then applying on top.
+
 The maxima ramp linearly from 0 to their values over the first ``motion_corrupt_ramp`` steps.
 ``hflip``: the probability of mirroring a whole sample (target, identity, motion frames, lip box).
 Every draw comes from the generator passed in, so a step's augmentation is a pure function of its seed.
@@ -111,6 +115,12 @@ def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: 
     returned unchanged (and no random number is drawn).
     """
     out = batch
+    if "motion_rollout" in batch:
+        out = dict(batch)
+        rolled = out.pop("motion_rollout")
+        if data_cfg.motion_rollout_prob > 0:
+            hit = (_uniform(rolled.shape[0], generator) < data_cfg.motion_rollout_prob).to(rolled.device)
+            out["motion"] = torch.where(hit.view(-1, 1, 1, 1), rolled, out["motion"])
     if data_cfg.hflip > 0:
         b = batch["x0"].shape[0]
         out = hflip_sample(out, (_uniform(b, generator) < data_cfg.hflip).to(batch["x0"].device))

@@ -254,6 +254,30 @@ def health(
 
 
 @app.command()
+def rollouts(
+    checkpoint: Annotated[Path, typer.Argument(help="the model whose own videos to write (e.g. a student)")],
+    data: Annotated[Path, typer.Option(help="a prepared folder: DATA/rollouts/<clip>.npz is written for each "
+                                            "training clip")],
+    seed: Annotated[int, typer.Option(help="sampling seed (clip k uses seed + k)")] = 0,
+    device: Annotated[str, typer.Option()] = "cpu",
+    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate every training clip with the model, for `--set data.motion_rollout_prob=P` in fit or distill."""
+    _setup_logging(verbose)
+    _threads(threads)
+    from dheads.engine.checkpoint import CheckpointError
+
+    from .rollouts import write_rollouts
+
+    try:
+        written = write_rollouts(checkpoint, data, seed=seed, device=device)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        _fail(str(e))
+    log.info("%d rollouts written under %s", len(written), data / "rollouts")
+
+
+@app.command()
 def anchor(
     checkpoint: Annotated[Path, typer.Argument(help="a dheads checkpoint (e.g. RUN/last.pt)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="the anchored checkpoint to write")],

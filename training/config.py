@@ -50,6 +50,7 @@ class DataConfig:
     motion_blur: float = 0.0  # max Gaussian blur sigma, pixels at model.image_size
     motion_color: float = 0.0  # max per-channel colour offset, levels of 255
     motion_shade: float = 0.0  # max peak of a smooth local brightness field, levels of 255
+    motion_rollout_prob: float = 0.0  # probability that a sample's motion frames come from the model's rollout
     motion_corrupt_ramp: int = 0  # steps over which the maxima ramp up from 0
 
     def __post_init__(self) -> None:
@@ -57,7 +58,7 @@ class DataConfig:
         _check_choice("data.cache", self.cache, ("auto", "memory", "mmap"))
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        for name in ("hflip", "motion_corrupt_prob"):
+        for name in ("hflip", "motion_corrupt_prob", "motion_rollout_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("motion_noise", "motion_blur", "motion_color", "motion_shade", "motion_corrupt_ramp"):

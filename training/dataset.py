@@ -181,6 +181,26 @@ class ClipStore:
         return c
 
 
+# --------------------------------------------------------------------------- the model's own rollouts
+
+def rollout_path(root: str | os.PathLike, clip_id: str) -> Path:
+    """Where ``dh-train rollouts`` writes a clip's generated frames (``training/rollouts.py``)."""
+    return Path(root) / "rollouts" / f"{clip_id}.npz"
+
+
+def load_rollout(root: str | os.PathLike, clip_id: str, n_frames: int) -> np.ndarray:
+    """The rollout frames of one clip, uint8 [T, S, S, 3]; ValueError when missing or of another length."""
+    path = rollout_path(root, clip_id)
+    if not path.is_file():
+        raise ValueError(f"data.motion_rollout_prob > 0 but {path} is missing; run `dh-train rollouts CKPT "
+                         f"--data {root}` first")
+    with np.load(path) as z:
+        frames = z["frames"]
+    if len(frames) != n_frames:
+        raise ValueError(f"{path} has {len(frames)} frames but its clip has {n_frames}; write the rollouts again")
+    return frames
+
+
 # --------------------------------------------------------------------------- samples
 
 def _frame(clip: Clip, j: int, size: int) -> torch.Tensor:
@@ -199,16 +219,21 @@ class FrameDataset(torch.utils.data.Dataset):
 
     Items: ``x0`` [3, S, S] (target frame), ``identity`` [3, S, S], ``motion`` [M*c, S, S] oldest
     first, ``audio`` [2w+1, D] float32, ``lip_box`` [4] int64 (x0, y0, x1, y1; end exclusive), all in
-    [-1, 1] at ``model.image_size``.
+    [-1, 1] at ``model.image_size``. With ``rollouts``: also ``motion_rollout`` [M*c, S, S], the same
+    positions' frames of the clip's rollout (``dh-train rollouts``; the identity where a clip has none).
     """
 
-    def __init__(self, store: ClipStore, model: ModelConfig, loss: LossConfig):
+    def __init__(self, store: ClipStore, model: ModelConfig, loss: LossConfig, rollouts: bool = False):
         if store.audio.dim != model.audio_dim:
             raise ValueError(f"clips carry {store.audio.dim}-d {store.audio.encoder} embeddings but "
                              f"model.audio_dim is {model.audio_dim}; set model.audio_dim = {store.audio.dim}")
         self.store, self.model, self.loss = store, model, loss
         self.scale = model.image_size / store.size
         self.lip_pad = lip_pad_pixels(loss, model.image_size)
+        self.rollouts = None
+        if rollouts:
+            self.rollouts = [Clip(load_rollout(store.root, i, n), *([None] * 3), {})
+                             for i, n in zip(store.ids, store.lengths)]
 
     def __len__(self) -> int:
         return sum(self.store.lengths)
@@ -219,13 +244,20 @@ class FrameDataset(torch.utils.data.Dataset):
         size = self.model.image_size
         identity = _frame(clip, ident, size)
         before = motion_indices(target, self.model.motion_frames)
-        motion = [identity if j < 0 else _frame(clip, j, size) for j in before]
-        motion = motion_transform(torch.stack(motion), self.model.grayscale_motion).flatten(0, 1)
         audio = torch.from_numpy(clip.audio_emb[audio_indices(target, len(clip), self.model.audio_window)]).float()
         lip_from = target if self.loss.lip_frame == "target" else ident
         box = pad_box(clip.mouth_boxes[lip_from] * self.scale, self.lip_pad, size)
-        return {"x0": _frame(clip, target, size), "identity": identity, "motion": motion, "audio": audio,
+        item = {"x0": _frame(clip, target, size), "identity": identity,
+                "motion": self._motion(clip, before, identity), "audio": audio,
                 "lip_box": torch.tensor(box, dtype=torch.int64)}
+        if self.rollouts is not None:
+            item["motion_rollout"] = self._motion(self.rollouts[k], before, identity)
+        return item
+
+    def _motion(self, clip: Clip, before: list[int], identity: torch.Tensor) -> torch.Tensor:
+        size = self.model.image_size
+        motion = [identity if j < 0 else _frame(clip, j, size) for j in before]
+        return motion_transform(torch.stack(motion), self.model.grayscale_motion).flatten(0, 1)
 
 
 def preview_inputs(store: ClipStore, model: ModelConfig, n_frames: int, clip: int = 0

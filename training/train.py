@@ -253,7 +253,7 @@ class Trainer:
             raise ValueError("fp16 autocast needs CUDA; use precision fp32 or bf16 on the CPU")
         seed_everything(cfg.train.seed)
         self.store = ClipStore(data, "train", cfg.data.cache)
-        self.dataset = FrameDataset(self.store, cfg.model, cfg.loss)
+        self.dataset = FrameDataset(self.store, cfg.model, cfg.loss, rollouts=cfg.data.motion_rollout_prob > 0)
         self.audio: AudioConfig = self.store.audio
         if init_source is not None:
             self._require_audio(*init_source)

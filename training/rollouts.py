@@ -1,0 +1,64 @@
+"""``dh-train rollouts``: a model's own videos of the training clips, for training on its own motion frames.
+
+At run time the motion frames are the model's previous outputs; in ``fit`` they are ground truth
+(corrupted or not). This stage closes the gap one step (a DAgger-style round): for every clip of a
+prepared split it generates the clip with the model (identity = the clip's first frame, the clip's own
+audio embeddings, the checkpoint's default sampler) and writes ``DATA/rollouts/<clip>.npz`` (``frames``
+uint8 [T, S, S, 3], the same T and S as the clip, and ``meta``: the checkpoint's sha256, sampler, steps,
+seed). With ``data.motion_rollout_prob`` > 0, ``fit`` and ``distill`` then give that fraction of samples
+the rollout's frames at the motion-frame positions instead of the clip's, the target still the real
+frame: the model learns to continue from what it actually produced, drift and all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dheads.engine.atomic import atomic_write
+from dheads.engine.checkpoint import load_checkpoint
+from dheads.engine.image import to_tensor
+from dheads.engine.reference import generate_reference
+
+from .dataset import ClipStore, rollout_path
+from .distill import sha256
+
+log = logging.getLogger(__name__)
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[N, 3, S, S] in [-1, 1] -> uint8 [N, S, S, 3] (the prepared clips' layout)."""
+    return ((frames.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "train", seed: int = 0,
+                   device: str = "cpu") -> list[Path]:
+    """Generate every clip of ``split`` with ``checkpoint`` (module doc); returns the files written."""
+    ckpt = load_checkpoint(checkpoint)
+    store = ClipStore(data, split)
+    if ckpt.model.image_size != store.size:
+        raise ValueError(f"the model makes {ckpt.model.image_size} px frames but {data} holds {store.size} px clips")
+    if (store.audio.encoder, store.audio.dim) != (ckpt.audio.encoder, ckpt.audio.dim):
+        raise ValueError(f"the model takes {ckpt.audio.dim}-d {ckpt.audio.encoder} audio features but {data} "
+                         f"holds {store.audio.dim}-d {store.audio.encoder} ones")
+    net = ckpt.build(device=device)
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "seed": seed,
+            "sampler": ckpt.diffusion.sampler, "steps": ckpt.diffusion.sampling_steps}
+    written = []
+    for k, clip_id in enumerate(store.ids):
+        clip = store.clip(k)
+        identity = to_tensor(np.array(clip.frames[0])).to(device)
+        audio = torch.from_numpy(np.asarray(clip.audio_emb)).float().to(device)
+        with torch.no_grad():
+            frames = generate_reference(net, identity, audio, diffusion=ckpt.diffusion, seed=seed + k)
+        out = rollout_path(data, clip_id)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as f:
+            np.savez(f, frames=to_uint8(frames.cpu()), meta=json.dumps({**meta, "clip": clip_id}))
+        log.info("rollout %d/%d: %s, %d frames -> %s", k + 1, len(store.ids), clip_id, len(frames), out)
+        written.append(out)
+    return written
