@@ -21,7 +21,7 @@ from dheads.training.cli import main as dh_train
 from dheads.training.config import DataConfig, LossConfig, load_config
 from dheads.training.dataset import ClipStore, FrameDataset, load_rollout, rollout_path
 from dheads.training.prepare import write_clip
-from dheads.training.rollouts import to_uint8, write_rollouts
+from dheads.training.rollouts import long_audio, to_uint8, write_rollouts
 from dheads.training.train import fit
 
 SIZE, DIM, N = 16, 24, 6
@@ -73,6 +73,24 @@ def test_rollouts_are_the_reference_loop_on_each_training_clip(data, model_path)
             meta = json.loads(str(z["meta"]))
         assert (meta["clip"], meta["seed"], meta["sampler"], meta["steps"]) == (clip_id, 3, "ddpm", 2)
         assert len(meta["checkpoint_sha256"]) == 64
+
+
+def test_a_longer_rollout_continues_on_the_other_clips_audio_and_training_takes_its_end(data, model_path):
+    a, b = np.arange(6.0).reshape(3, 2), -np.arange(4.0).reshape(2, 2)
+    np.testing.assert_array_equal(long_audio([a, b], 1, 7), np.concatenate([b, a, b])[:7])
+    np.testing.assert_array_equal(long_audio([a, b], 0, 2), a[:2])
+    write_rollouts(model_path, data, seconds=0.4)  # 10 frames at 25 fps; the clips have 6
+    with np.load(rollout_path(data, "c1")) as z:
+        full, meta = z["frames"], json.loads(str(z["meta"]))
+    assert full.shape == (10, SIZE, SIZE, 3) and meta["seconds"] == 0.4
+    np.testing.assert_array_equal(load_rollout(data, "c1", N), full[-N:])
+    store = ClipStore(data, "train")
+    net = load_checkpoint(model_path).build()
+    emb = [torch.from_numpy(store.clip(k).audio_emb).float() for k in (1, 0)]
+    with torch.no_grad():
+        want = generate_reference(net, to_tensor(store.clip(1).frames[0]), torch.cat(emb)[:10], diffusion=DIFFUSION,
+                                  seed=1)
+    np.testing.assert_array_equal(full, to_uint8(want))
 
 
 def test_the_dataset_serves_rollout_frames_and_augment_swaps_them_in(data, model_path):

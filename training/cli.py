@@ -259,6 +259,9 @@ def rollouts(
     data: Annotated[Path, typer.Option(help="a prepared folder: DATA/rollouts/<clip>.npz is written for each "
                                             "training clip")],
     seed: Annotated[int, typer.Option(help="sampling seed (clip k uses seed + k)")] = 0,
+    seconds: Annotated[float, typer.Option(help="rollout length; longer than a clip: its audio, then the other "
+                                                "clips', and training uses the last frames (the most drifted). "
+                                                "0: each clip's own length")] = 0.0,
     device: Annotated[str, typer.Option()] = "cpu",
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -271,7 +274,7 @@ def rollouts(
     from .rollouts import write_rollouts
 
     try:
-        written = write_rollouts(checkpoint, data, seed=seed, device=device)
+        written = write_rollouts(checkpoint, data, seed=seed, seconds=seconds, device=device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         _fail(str(e))
     log.info("%d rollouts written under %s", len(written), data / "rollouts")

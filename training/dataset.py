@@ -189,16 +189,18 @@ def rollout_path(root: str | os.PathLike, clip_id: str) -> Path:
 
 
 def load_rollout(root: str | os.PathLike, clip_id: str, n_frames: int) -> np.ndarray:
-    """The rollout frames of one clip, uint8 [T, S, S, 3]; ValueError when missing or of another length."""
+    """The rollout frames that stand at a clip's positions, uint8 [T, S, S, 3] (T = ``n_frames``): all of a
+    rollout as long as the clip, the last T of a longer one (``dh-train rollouts --seconds``); ValueError
+    when missing or shorter than the clip."""
     path = rollout_path(root, clip_id)
     if not path.is_file():
         raise ValueError(f"data.motion_rollout_prob > 0 but {path} is missing; run `dh-train rollouts CKPT "
                          f"--data {root}` first")
     with np.load(path) as z:
         frames = z["frames"]
-    if len(frames) != n_frames:
+    if len(frames) < n_frames:
         raise ValueError(f"{path} has {len(frames)} frames but its clip has {n_frames}; write the rollouts again")
-    return frames
+    return frames[len(frames) - n_frames:]
 
 
 # --------------------------------------------------------------------------- samples

@@ -35,9 +35,26 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return ((frames.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def long_audio(embeddings: list[np.ndarray], k: int, n_frames: int) -> np.ndarray:
+    """[n_frames, D]: clip ``k``'s audio embeddings, then the next clips' in turn, cycling (as the held-out
+    study makes its long runs)."""
+    order = embeddings[k:] + embeddings[:k]
+    out, total = [], 0
+    while total < n_frames:
+        for e in order:
+            out.append(e)
+            total += len(e)
+    return np.concatenate(out)[:n_frames]
+
+
 def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "train", seed: int = 0,
-                   device: str = "cpu") -> list[Path]:
-    """Generate every clip of ``split`` with ``checkpoint`` (module doc); returns the files written."""
+                   seconds: float = 0.0, device: str = "cpu") -> list[Path]:
+    """Generate every clip of ``split`` with ``checkpoint`` (module doc); returns the files written.
+
+    ``seconds`` > the clip's length: a longer rollout (the clip's audio, then the other clips', cycling), of
+    which training uses the LAST frames, as many as the clip has: the most drifted ones, where a model's own
+    errors have grown (``dataset.load_rollout``). 0: as long as the clip, frame for frame.
+    """
     ckpt = load_checkpoint(checkpoint)
     store = ClipStore(data, split)
     if ckpt.model.image_size != store.size:
@@ -46,13 +63,16 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
         raise ValueError(f"the model takes {ckpt.audio.dim}-d {ckpt.audio.encoder} audio features but {data} "
                          f"holds {store.audio.dim}-d {store.audio.encoder} ones")
     net = ckpt.build(device=device)
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "seed": seed,
+    fps = store.audio.fps
+    embeddings = [np.asarray(store.clip(k).audio_emb) for k in range(len(store))]
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "seed": seed, "seconds": seconds,
             "sampler": ckpt.diffusion.sampler, "steps": ckpt.diffusion.sampling_steps}
     written = []
     for k, clip_id in enumerate(store.ids):
         clip = store.clip(k)
         identity = to_tensor(np.array(clip.frames[0])).to(device)
-        audio = torch.from_numpy(np.asarray(clip.audio_emb)).float().to(device)
+        n = max(len(clip), round(seconds * fps))
+        audio = torch.from_numpy(long_audio(embeddings, k, n)).float().to(device)
         with torch.no_grad():
             frames = generate_reference(net, identity, audio, diffusion=ckpt.diffusion, seed=seed + k)
         out = rollout_path(data, clip_id)
