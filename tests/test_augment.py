@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dheads.training.augment import SHADE_GRID, LEVEL, augment, corrupt_motion, gaussian_blur, hflip_sample, ramp
+from dheads.training.augment import SHADE_GRID, LEVEL, augment, recolor_sample, corrupt_motion, gaussian_blur, hflip_sample, ramp
 from dheads.training.config import DataConfig
 from dheads.training.losses import box_mask
 
@@ -105,6 +105,28 @@ def test_shading_alone_turns_the_corruption_on_and_keeps_older_recipes_draws():
     assert torch.equal(augment(b, old, 2, 10, torch.Generator().manual_seed(4))["motion"],
                        corrupt_motion(b["motion"], 2, noise=6.0, blur=1.0, color=6.0, prob=0.5,
                                       generator=torch.Generator().manual_seed(4)))
+
+
+def test_recolouring_applies_one_colour_map_to_every_image_of_a_sample():
+    b = _batch(4)
+    b["motion_rollout"] = b["motion"].flip(-2)
+    out = recolor_sample(b, 0.2, torch.Generator().manual_seed(6))
+    for i in range(4):
+        for c in range(3):
+            src = torch.cat([b[k][i].view(-1, 3, 16, 16)[:, c].flatten() for k in ("x0", "identity", "motion",
+                                                                                  "motion_rollout")])
+            dst = torch.cat([out[k][i].view(-1, 3, 16, 16)[:, c].flatten() for k in ("x0", "identity", "motion",
+                                                                                    "motion_rollout")])
+            inside = (dst > -1 + 1e-6) & (dst < 1 - 1e-6)
+            slope, _ = torch.linalg.lstsq(torch.stack([src[inside], torch.ones_like(src[inside])], 1),
+                                          dst[inside].unsqueeze(1)).solution.flatten()
+            assert 0.8 - 1e-4 <= float(slope) <= 1.2 + 1e-4  # one gain for the channel, whichever image
+            fit = slope * src[inside] + _
+            assert torch.allclose(fit, dst[inside], atol=1e-5)
+    assert torch.equal(out["audio"], b["audio"]) and torch.equal(out["lip_box"], b["lip_box"])
+    assert out["x0"].min() >= -1 and out["x0"].max() <= 1
+    with pytest.raises(ValueError, match=r"data.sample_color must be in \[0, 1\), got 1.0"):
+        DataConfig(sample_color=1.0)
 
 
 def test_bad_augmentation_values_are_refused():

@@ -14,7 +14,12 @@ but colour and detail from the identity frame. Per sample, with probability ``mo
   channel of every motion frame of the sample: the slow, local drift long rollouts show (a patch of the
   face, often the eyes, growing darker), which a uniform offset cannot imitate.
 
-Before all that, with probability ``motion_rollout_prob``, a sample's motion frames are the model's own
+New faces (``sample_color``): every image of a sample (target, identity, motion frames, rollout frames)
+gets the same per-channel gain ~ U(1 - sample_color, 1 + sample_color) and offset ~ U(-sample_color,
+sample_color) / 2 on the [0, 1] scale, clamped: one colour transform per sample, so a few speakers look
+like more skin tones, lightings and backgrounds, and nothing inside a sample changes relative to the rest.
+
+Before the motion-frame corruption, with probability ``motion_rollout_prob``, a sample's motion frames are the model's own
 rollout's frames at the same positions (``dh-train rollouts``; the batch's ``motion_rollout``), the
 corruption then applying on top.
 
@@ -93,6 +98,25 @@ def corrupt_motion(motion: torch.Tensor, frames: int, *, noise: float, blur: flo
     return out
 
 
+IMAGE_KEYS = ("x0", "identity", "motion", "motion_rollout")
+
+
+def recolor_sample(batch: dict[str, torch.Tensor], amount: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every image of each sample through one random per-channel affine colour map (module doc)."""
+    b = batch["x0"].shape[0]
+    c = batch["x0"].shape[1]
+    dev, dtype = batch["x0"].device, batch["x0"].dtype
+    gain = _uniform(b * c, generator, 1 - amount, 1 + amount).view(b, 1, c, 1, 1).to(dtype).to(dev)
+    bias = _uniform(b * c, generator, -amount / 2, amount / 2).view(b, 1, c, 1, 1).to(dtype).to(dev)
+    out = dict(batch)
+    for key in IMAGE_KEYS:
+        if key in batch:
+            x = batch[key]
+            y = ((x.view(b, -1, c, *x.shape[2:]) + 1) / 2 * gain + bias).clamp(0, 1) * 2 - 1
+            out[key] = y.view_as(x)
+    return out
+
+
 def hflip_sample(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mirror the samples where ``mask`` [B] is true: images along W, lip boxes ``(x0, y0, x1, y1)`` to
     ``(W - x1, y0, W - x0, y1)``."""
@@ -115,8 +139,10 @@ def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: 
     returned unchanged (and no random number is drawn).
     """
     out = batch
-    if "motion_rollout" in batch:
-        out = dict(batch)
+    if data_cfg.sample_color > 0:
+        out = recolor_sample(out, data_cfg.sample_color, generator)
+    if "motion_rollout" in out:
+        out = dict(out)
         rolled = out.pop("motion_rollout")
         if data_cfg.motion_rollout_prob > 0:
             hit = (_uniform(rolled.shape[0], generator) < data_cfg.motion_rollout_prob).to(rolled.device)

@@ -45,6 +45,7 @@ class DataConfig:
     cache: str = "auto"  # memory (load every clip once) | mmap (read frames on demand) | auto
     # Augmentation (training/augment.py); all off by default = the paper's recipe.
     hflip: float = 0.0  # probability of mirroring a sample
+    sample_color: float = 0.0  # max per-channel gain deviation (and 2x the max offset) of a sample's colour map
     motion_corrupt_prob: float = 0.0  # probability that a sample's motion frames are corrupted
     motion_noise: float = 0.0  # max std of the added Gaussian noise, levels of 255
     motion_blur: float = 0.0  # max Gaussian blur sigma, pixels at model.image_size
@@ -64,6 +65,8 @@ class DataConfig:
         for name in ("motion_noise", "motion_blur", "motion_color", "motion_shade", "motion_corrupt_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.sample_color < 1.0:
+            raise ValueError(f"data.sample_color must be in [0, 1), got {self.sample_color}")
 
 
 @dataclass(frozen=True)
