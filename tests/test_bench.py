@@ -92,8 +92,11 @@ def test_overhead_is_measured_in_the_same_loop(monkeypatch):
             _time.sleep(0.02)
             return inner(*a, **k)
 
-    den.model = Slow()
+    calls = []
+    den.model = den.forward = Slow()  # forward is what a call runs
+    den.model.register_forward_pre_hook(lambda *_: calls.append(1))
     row = bench_overhead(den, BenchConfig(steps=3, frames=1))
+    assert len(calls) == 2 * 3  # the warm-up frame and the timed one, 3 calls each
     assert row["inside_unet_ms"] >= 3 * 20 and row["total_ms"] >= row["inside_unet_ms"]
     assert 0 <= row["outside_unet_fraction"] < 0.25
     assert row["outside_unet_fraction"] == pytest.approx(1 - row["inside_unet_ms"] / row["total_ms"])
