@@ -10,8 +10,8 @@ soundtrack the audio. Measured on the generated video, beside the real clip wher
 * lip sync: the ``dh-eval`` proxy against the clip's own audio and against every other clip's audio;
 * long run (``--long-seconds``, default 10): the clip's audio followed by the other clips' audio,
   generated in one go; per 1-s bucket the colour drift and the grain (mean squared Laplacian of the
-  luma), the local shading drift (``metrics.local_drift``: the worst 8x8 block's luma change from the
-  identity, mouth left out; it sees a darkening patch that the grain and the mean colour miss), and a
+  luma), the local shading drift (``metrics.local_drift``: the worst four of 16x16 block-mean luma changes
+  from the identity, mouth left out; it sees a darkening patch that the grain and the mean colour miss), and a
   strip of frames (identity, then one frame a second) as PNG.
 
 Usage: ``python -m dheads.benchmarks.heldout_study CLIPS... --engine E [--data PREPARED] --out F.json``.

@@ -13,7 +13,7 @@ import torch
 
 from dheads.engine.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
 from dheads.engine.config import AudioConfig, DiffusionConfig, ModelConfig
-from dheads.engine.image import to_tensor
+from dheads.engine.image import to_tensor, to_uint8_frames
 from dheads.engine.model import DiffusedHeadsUNet
 from dheads.engine.reference import generate_reference
 from dheads.training.augment import augment
@@ -21,7 +21,7 @@ from dheads.training.cli import main as dh_train
 from dheads.training.config import DataConfig, LossConfig, load_config
 from dheads.training.dataset import ClipStore, FrameDataset, load_rollout, rollout_path
 from dheads.training.prepare import write_clip
-from dheads.training.rollouts import long_audio, to_uint8, write_rollouts
+from dheads.training.rollouts import long_audio, write_rollouts
 from dheads.training.train import fit
 
 SIZE, DIM, N = 16, 24, 6
@@ -68,7 +68,7 @@ def test_rollouts_are_the_reference_loop_on_each_training_clip(data, model_path)
                                       diffusion=DIFFUSION, seed=3 + k)
         got = load_rollout(data, clip_id, N)
         assert got.dtype == np.uint8 and got.shape == (N, SIZE, SIZE, 3)
-        np.testing.assert_array_equal(got, to_uint8(want))
+        np.testing.assert_array_equal(got, to_uint8_frames(want))
         with np.load(rollout_path(data, clip_id)) as z:
             meta = json.loads(str(z["meta"]))
         assert (meta["clip"], meta["seed"], meta["sampler"], meta["steps"]) == (clip_id, 3, "ddpm", 2)
@@ -90,7 +90,7 @@ def test_a_longer_rollout_continues_on_the_other_clips_audio_and_training_takes_
     with torch.no_grad():
         want = generate_reference(net, to_tensor(store.clip(1).frames[0]), torch.cat(emb)[:10], diffusion=DIFFUSION,
                                   seed=1)
-    np.testing.assert_array_equal(full, to_uint8(want))
+    np.testing.assert_array_equal(full, to_uint8_frames(want))
 
 
 def test_the_dataset_serves_rollout_frames_and_augment_swaps_them_in(data, model_path):
@@ -132,5 +132,10 @@ def test_fit_on_rollouts_and_the_missing_rollout_error(data, model_path, tmp_pat
     np.savez(rollout_path(data, "c0"), frames=np.zeros((N - 1, SIZE, SIZE, 3), np.uint8))
     with pytest.raises(ValueError, match="has 5 frames but its clip has 6; write the rollouts again"):
         fit(cfg, data, tmp_path / "run2", progress=False)
+    other = checkpoint_from_model(DiffusedHeadsUNet(MODEL, DIFFUSION), AudioConfig(encoder="whisper", dim=DIM),
+                                  diffusion=DIFFUSION)
+    with pytest.raises(ValueError, match=rf"^the model takes {DIM}-d whisper audio features but .* holds {DIM}-d sda "
+                                         r"ones; prepare the data with `dh-train prepare --encoder whisper`$"):
+        write_rollouts(save_checkpoint(tmp_path / "whisper.pt", other), data)
     with pytest.raises(ValueError, match=r"data.motion_rollout_prob must be in \[0, 1\], got 2"):
         DataConfig(motion_rollout_prob=2.0)

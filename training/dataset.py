@@ -170,6 +170,13 @@ class ClipStore:
     def path(self, clip_id: str) -> Path:
         return self.root / "clips" / f"{clip_id}.npz"
 
+    def require_encoder(self, audio: AudioConfig, who: str) -> None:
+        """``ValueError`` unless these clips carry ``audio``'s encoder and dimension (``who``: "the teacher")."""
+        if (self.audio.encoder, self.audio.dim) != (audio.encoder, audio.dim):
+            raise ValueError(f"{who} takes {audio.dim}-d {audio.encoder} audio features but {self.root} holds "
+                             f"{self.audio.dim}-d {self.audio.encoder} ones; prepare the data with "
+                             f"`dh-train prepare --encoder {audio.encoder}`")
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -207,7 +214,11 @@ def load_rollout(root: str | os.PathLike, clip_id: str, n_frames: int) -> np.nda
 
 def _frame(clip: Clip, j: int, size: int) -> torch.Tensor:
     """Frame ``j`` as float32 [3, size, size] in [-1, 1] (area-resized if stored at another size)."""
-    rgb = np.array(clip.frames[j])  # a copy: memory-mapped frames are read-only
+    return _frame_of(clip.frames, j, size)
+
+
+def _frame_of(frames: np.ndarray, j: int, size: int) -> torch.Tensor:
+    rgb = np.array(frames[j])  # a copy: memory-mapped frames are read-only
     if rgb.shape[0] != size:
         import cv2
 
@@ -234,8 +245,7 @@ class FrameDataset(torch.utils.data.Dataset):
         self.lip_pad = lip_pad_pixels(loss, model.image_size)
         self.rollouts = None
         if rollouts:
-            self.rollouts = [Clip(load_rollout(store.root, i, n), *([None] * 3), {})
-                             for i, n in zip(store.ids, store.lengths)]
+            self.rollouts = [load_rollout(store.root, i, n) for i, n in zip(store.ids, store.lengths)]
 
     def __len__(self) -> int:
         return sum(self.store.lengths)
@@ -250,15 +260,15 @@ class FrameDataset(torch.utils.data.Dataset):
         lip_from = target if self.loss.lip_frame == "target" else ident
         box = pad_box(clip.mouth_boxes[lip_from] * self.scale, self.lip_pad, size)
         item = {"x0": _frame(clip, target, size), "identity": identity,
-                "motion": self._motion(clip, before, identity), "audio": audio,
+                "motion": self._motion(clip.frames, before, identity), "audio": audio,
                 "lip_box": torch.tensor(box, dtype=torch.int64)}
         if self.rollouts is not None:
             item["motion_rollout"] = self._motion(self.rollouts[k], before, identity)
         return item
 
-    def _motion(self, clip: Clip, before: list[int], identity: torch.Tensor) -> torch.Tensor:
+    def _motion(self, frames: np.ndarray, before: list[int], identity: torch.Tensor) -> torch.Tensor:
         size = self.model.image_size
-        motion = [identity if j < 0 else _frame(clip, j, size) for j in before]
+        motion = [identity if j < 0 else _frame_of(frames, j, size) for j in before]
         return motion_transform(torch.stack(motion), self.model.grayscale_motion).flatten(0, 1)
 
 

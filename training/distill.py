@@ -325,10 +325,7 @@ def student_config(base: TrainingConfig, teacher: Checkpoint, data: str | os.Pat
     Checkpoints that do not record ``image_size`` (TorchScript, Lightning, bare state_dicts) take the data's.
     """
     store = ClipStore(data, "train")
-    if (store.audio.encoder, store.audio.dim) != (teacher.audio.encoder, teacher.audio.dim):
-        raise ValueError(f"the teacher takes {teacher.audio.dim}-d {teacher.audio.encoder} audio features but "
-                         f"{data} holds {store.audio.dim}-d {store.audio.encoder} ones; prepare the data with "
-                         f"`dh-train prepare --encoder {teacher.audio.encoder}`")
+    store.require_encoder(teacher.audio, "the teacher")
     model = teacher.model
     if teacher.source != "dheads" and model.image_size != store.size:
         log.info("%s checkpoint records no image size: using the data's %d px", teacher.source, store.size)

@@ -4,8 +4,8 @@ At run time the motion frames are the model's previous outputs; in ``fit`` they 
 (corrupted or not). This stage closes the gap one step (a DAgger-style round): for every clip of a
 prepared split it generates the clip with the model (identity = the clip's first frame, the clip's own
 audio embeddings, the checkpoint's default sampler) and writes ``DATA/rollouts/<clip>.npz`` (``frames``
-uint8 [T, S, S, 3], the same T and S as the clip, and ``meta``: the checkpoint's sha256, sampler, steps,
-seed). With ``data.motion_rollout_prob`` > 0, ``fit`` and ``distill`` then give that fraction of samples
+uint8 [T, S, S, 3], T the clip's frames or more with ``seconds``, S the clip's size, and ``meta``: the
+checkpoint's sha256, sampler, steps, seed, seconds). With ``data.motion_rollout_prob`` > 0, ``fit`` and ``distill`` then give that fraction of samples
 the rollout's frames at the motion-frame positions instead of the clip's, the target still the real
 frame: the model learns to continue from what it actually produced, drift and all.
 """
@@ -22,17 +22,13 @@ import torch
 
 from dheads.engine.atomic import atomic_write
 from dheads.engine.checkpoint import load_checkpoint
-from dheads.engine.image import to_tensor
+from dheads.engine.image import to_tensor, to_uint8_frames
 from dheads.engine.reference import generate_reference
 
 from .dataset import ClipStore, rollout_path
 from .distill import sha256
 
 log = logging.getLogger(__name__)
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[N, 3, S, S] in [-1, 1] -> uint8 [N, S, S, 3] (the prepared clips' layout)."""
-    return ((frames.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def long_audio(embeddings: list[np.ndarray], k: int, n_frames: int) -> np.ndarray:
@@ -59,9 +55,7 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
     store = ClipStore(data, split)
     if ckpt.model.image_size != store.size:
         raise ValueError(f"the model makes {ckpt.model.image_size} px frames but {data} holds {store.size} px clips")
-    if (store.audio.encoder, store.audio.dim) != (ckpt.audio.encoder, ckpt.audio.dim):
-        raise ValueError(f"the model takes {ckpt.audio.dim}-d {ckpt.audio.encoder} audio features but {data} "
-                         f"holds {store.audio.dim}-d {store.audio.encoder} ones")
+    store.require_encoder(ckpt.audio, "the model")
     net = ckpt.build(device=device)
     fps = store.audio.fps
     embeddings = [np.asarray(store.clip(k).audio_emb) for k in range(len(store))]
@@ -76,9 +70,8 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
         with torch.no_grad():
             frames = generate_reference(net, identity, audio, diffusion=ckpt.diffusion, seed=seed + k)
         out = rollout_path(data, clip_id)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out) as f:
-            np.savez(f, frames=to_uint8(frames.cpu()), meta=json.dumps({**meta, "clip": clip_id}))
+        with atomic_write(out) as f:  # makes the folder
+            np.savez(f, frames=to_uint8_frames(frames), meta=json.dumps({**meta, "clip": clip_id}))
         log.info("rollout %d/%d: %s, %d frames -> %s", k + 1, len(store.ids), clip_id, len(frames), out)
         written.append(out)
     return written
