@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dheads.engine.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
-from dheads.engine.config import AudioConfig, DiffusionConfig, ModelConfig
+from dheads.engine.config import AudioConfig, DiffusionConfig, ModelConfig, SamplerConfig
 from dheads.engine.image import to_tensor, to_uint8_frames
 from dheads.engine.model import DiffusedHeadsUNet
 from dheads.engine.reference import generate_reference
@@ -73,6 +73,27 @@ def test_rollouts_are_the_reference_loop_on_each_training_clip(data, model_path)
             meta = json.loads(str(z["meta"]))
         assert (meta["clip"], meta["seed"], meta["sampler"], meta["steps"]) == (clip_id, 3, "ddpm", 2)
         assert len(meta["checkpoint_sha256"]) == 64
+
+
+def test_rollouts_with_correlated_frame_noise_are_the_reference_loop_with_that_noise(data, model_path, capsys):
+    write_rollouts(model_path, data, seed=5, frame_noise="0.8")
+    store = ClipStore(data, "train")
+    net = load_checkpoint(model_path).build()
+    clip = store.clip(0)
+    args = (net, to_tensor(clip.frames[0]), torch.from_numpy(clip.audio_emb).float())
+    with torch.no_grad():
+        want = generate_reference(*args, sampler=SamplerConfig(name="ddpm", steps=2, frame_noise="0.8"),
+                                  diffusion=DIFFUSION, seed=5)
+        fresh = generate_reference(*args, diffusion=DIFFUSION, seed=5)
+    got = load_rollout(data, "c0", N)
+    np.testing.assert_array_equal(got, to_uint8_frames(want))
+    assert not np.array_equal(got, to_uint8_frames(fresh))
+    with np.load(rollout_path(data, "c0")) as z:
+        assert json.loads(str(z["meta"]))["frame_noise"] == "0.8"
+    with pytest.raises(SystemExit) as e:
+        dh_train(["rollouts", str(model_path), "--data", str(data), "--frame-noise", "1.5", "--threads", "1"])
+    assert e.value.code != 0
+    assert "frame noise must be one of fresh, repeat or a correlation between 0 and 1" in capsys.readouterr().err
 
 
 def test_a_longer_rollout_continues_on_the_other_clips_audio_and_training_takes_its_end(data, model_path):

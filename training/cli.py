@@ -262,6 +262,8 @@ def rollouts(
     seconds: Annotated[float, typer.Option(help="rollout length; longer than a clip: its audio, then the other "
                                                 "clips', and training uses the last frames (the most drifted). "
                                                 "0: each clip's own length")] = 0.0,
+    frame_noise: Annotated[Optional[str], typer.Option(help="fresh | repeat | a correlation in (0, 1) between "
+                                                           "frames' noise (default: the checkpoint's)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -274,7 +276,8 @@ def rollouts(
     from .rollouts import write_rollouts
 
     try:
-        written = write_rollouts(checkpoint, data, seed=seed, seconds=seconds, device=device)
+        written = write_rollouts(checkpoint, data, seed=seed, seconds=seconds, frame_noise=frame_noise,
+                                 device=device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         _fail(str(e))
     log.info("%d rollouts written under %s", len(written), data / "rollouts")

@@ -12,6 +12,7 @@ frame: the model learns to continue from what it actually produced, drift and al
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 from dheads.engine.atomic import atomic_write
 from dheads.engine.checkpoint import load_checkpoint
 from dheads.engine.image import to_tensor, to_uint8_frames
+from dheads.engine.plan import default_sampler
 from dheads.engine.reference import generate_reference
 
 from .dataset import ClipStore, rollout_path
@@ -44,23 +46,28 @@ def long_audio(embeddings: list[np.ndarray], k: int, n_frames: int) -> np.ndarra
 
 
 def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "train", seed: int = 0,
-                   seconds: float = 0.0, device: str = "cpu") -> list[Path]:
+                   seconds: float = 0.0, frame_noise: str | None = None, device: str = "cpu") -> list[Path]:
     """Generate every clip of ``split`` with ``checkpoint`` (module doc); returns the files written.
 
     ``seconds`` > the clip's length: a longer rollout (the clip's audio, then the other clips', cycling), of
     which training uses the LAST frames, as many as the clip has: the most drifted ones, where a model's own
     errors have grown (``dataset.load_rollout``). 0: as long as the clip, frame for frame.
+    ``frame_noise`` (``engine/noise.py``): how the frames' noise is correlated, e.g. ``"0.8"``, so the
+    rollouts carry the patterns a correlated-noise video feeds back; None: the checkpoint's default.
     """
     ckpt = load_checkpoint(checkpoint)
     store = ClipStore(data, split)
     if ckpt.model.image_size != store.size:
         raise ValueError(f"the model makes {ckpt.model.image_size} px frames but {data} holds {store.size} px clips")
     store.require_encoder(ckpt.audio, "the model")
+    sampler = default_sampler(ckpt.diffusion)
+    if frame_noise is not None:
+        sampler = dataclasses.replace(sampler, frame_noise=frame_noise)  # validated by SamplerConfig
     net = ckpt.build(device=device)
     fps = store.audio.fps
     embeddings = [np.asarray(store.clip(k).audio_emb) for k in range(len(store))]
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "seed": seed, "seconds": seconds,
-            "sampler": ckpt.diffusion.sampler, "steps": ckpt.diffusion.sampling_steps}
+            "sampler": sampler.name, "steps": sampler.steps, "frame_noise": sampler.frame_noise}
     written = []
     for k, clip_id in enumerate(store.ids):
         clip = store.clip(k)
@@ -68,7 +75,8 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
         n = max(len(clip), round(seconds * fps))
         audio = torch.from_numpy(long_audio(embeddings, k, n)).float().to(device)
         with torch.no_grad():
-            frames = generate_reference(net, identity, audio, diffusion=ckpt.diffusion, seed=seed + k)
+            frames = generate_reference(net, identity, audio, sampler=sampler, diffusion=ckpt.diffusion,
+                                        seed=seed + k)
         out = rollout_path(data, clip_id)
         with atomic_write(out) as f:  # makes the folder
             np.savez(f, frames=to_uint8_frames(frames), meta=json.dumps({**meta, "clip": clip_id}))
