@@ -10,7 +10,7 @@ The policy, for ``threads`` (``--threads``; None = auto):
 
 * auto: ``OMP_NUM_THREADS`` when the user set it, else the cores this process may run on
   (``os.sched_getaffinity``) minus the ones other processes keep busy (the 1-minute load average,
-  rounded), at least 1; split between the ranks of a ``torchrun`` node (``LOCAL_WORLD_SIZE``).
+  rounded, capped by the tasks runnable right now: :func:`busy_cores`), at least 1; split between the ranks of a ``torchrun`` node (``LOCAL_WORLD_SIZE``).
 * ``runtime``: the engine that runs the UNet gets the threads. When ONNX Runtime or TensorRT runs the
   UNet, torch only does the sampler arithmetic on tiny tensors: 1 thread (no pool to wake).
 * ``training``: torch gets the threads; DataLoader workers 1 each (:func:`worker_init`).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,38 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+LOADAVG = "/proc/loadavg"  # Linux: "load1 load5 load15 running/total lastpid"
+
+
+def runnable_others(path: str | None = None, samples: int = 5, gap_s: float = 0.02) -> int | None:
+    """Tasks other than this one that are runnable right now: the most of ``samples`` readings of
+    ``/proc/loadavg``'s running count (``path``; default :data:`LOADAVG`), ``gap_s`` apart, less this
+    process's own reading thread (None where the file is missing or unreadable)."""
+    most = None
+    for i in range(samples):
+        try:
+            with open(path or LOADAVG) as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        most = running if most is None else max(most, running)
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return max(0, most - 1)
+
+
 def busy_cores() -> int:
-    """Cores other processes keep busy: the 1-minute load average, rounded (0 where unknown)."""
+    """Cores other processes keep busy: the 1-minute load average, rounded, capped by the tasks runnable
+    right now (0 where unknown). The cap matters for chained jobs: a run that just ended leaves the load
+    average near its thread count for a minute or more, and the next job alone on the machine would take
+    too few threads for its whole run (measured: a ``dh-train rollouts`` started right after a 2-thread
+    ``fit`` on 2 cores took 1 thread, load 2)."""
     try:
-        return round(os.getloadavg()[0])
+        load = round(os.getloadavg()[0])
     except (AttributeError, OSError):
         return 0
+    now = runnable_others()
+    return load if now is None else min(load, now)
 
 
 def auto_threads(ranks: int = 1) -> tuple[int, str]:

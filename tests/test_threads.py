@@ -31,6 +31,22 @@ def test_auto_leaves_the_cores_the_load_keeps_busy(no_env):
     assert threads.auto_threads()[0] == 1
 
 
+def test_busy_cores_is_the_load_average_capped_by_what_runs_now(monkeypatch, tmp_path):
+    """A job that just ended leaves the 1-minute load high; the runnable count says the cores are free."""
+    avg = tmp_path / "loadavg"
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.1, 1.5, 0.9))
+    avg.write_text("2.10 1.50 0.90 1/312 4242\n")  # only the reader itself runs: the last job has ended
+    monkeypatch.setattr(threads, "LOADAVG", str(avg))
+    assert threads.busy_cores() == 0
+    avg.write_text("2.10 1.50 0.90 3/312 4242\n")  # two other tasks running: the load average stands
+    assert threads.busy_cores() == 2
+    avg.write_text("2.10 1.50 0.90 9/312 4242\n")  # a burst now, but the load says one minute was lighter
+    assert threads.busy_cores() == 2
+    avg.write_text("garbage")  # unreadable: the load average alone
+    assert threads.busy_cores() == 2
+    assert threads.runnable_others(str(tmp_path / "missing"), 2, 0.0) is None
+
+
 def test_training_splits_the_free_cores_over_the_ranks_of_a_node(no_env):
     no_env.setattr(threads, "busy_cores", lambda: 0)
     no_env.setenv("LOCAL_WORLD_SIZE", "4")
