@@ -98,6 +98,9 @@ def export(
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to reuse and update."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --output."),
     seed: Optional[int] = typer.Option(None, help="Seed of the parity-check inputs (default: fresh random)."),
+    frame_noise: Optional[str] = typer.Option(None, help="The bundle's default frame noise: fresh | repeat | a "
+                                              "correlation in (0, 1) between frames' noise (default: the "
+                                              "checkpoint's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the exporter does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -115,7 +118,7 @@ def export(
             result = run_export(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
                                 profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
                                 timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
-                                on_stage=on_stage)
+                                frame_noise=frame_noise, on_stage=on_stage)
     except USER_ERRORS as e:
         _fail(e, 2)
     except FAILURES as e:

@@ -27,6 +27,7 @@ from dheads.engine.backends.base import BatchProfile, unet_io_spec
 from dheads.engine.bundle import (MANIFEST, UNET_ONNX, UNET_ONNX_FP16, UNET_PLAN, BundleFile, Manifest,
                                   read_manifest, sha256_file, write_manifest)
 from dheads.engine.checkpoint import load_checkpoint
+from dheads.engine.noise import noise_correlation
 
 from .audio import audio_record
 from .errors import ExportError
@@ -72,17 +73,21 @@ def export_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16",
                profile: BatchProfile = BatchProfile(), opset: int = DEFAULT_OPSET, tensorrt: bool | None = None,
                overwrite: bool = False, seed: int | None = None, timing_cache=None, trt_typing: str = "auto",
-               ema: bool = True, image_size: int | None = None, on_stage: StageFn | None = None) -> ExportResult:
-    """:func:`export_bundle`, also returning stage timings and parity reports (for the CLI's summary)."""
+               ema: bool = True, image_size: int | None = None, frame_noise: str | None = None,
+               on_stage: StageFn | None = None) -> ExportResult:
+    """:func:`export_bundle`, also returning stage timings and parity reports (for the CLI's summary).
+
+    ``frame_noise``: the bundle's default frame noise (``engine/noise.py``), recorded in its manifest in
+    place of the checkpoint's; None keeps the checkpoint's."""
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    _check_request(ckpt_path, out_dir, precision, opset, overwrite, image_size)
+    _check_request(ckpt_path, out_dir, precision, opset, overwrite, image_size, frame_noise)
     build_plan = _want_tensorrt(tensorrt)
     seed = secrets.randbits(31) if seed is None else seed
     stage = _Stages(on_stage)
     tmp = _make_temp_dir(out_dir)
     try:
         with stage("load checkpoint"):
-            ckpt = _with_image_size(load_checkpoint(ckpt_path), image_size)
+            ckpt = _with_frame_noise(_with_image_size(load_checkpoint(ckpt_path), image_size), frame_noise)
             model = ckpt.build(ema=ema)
             source_sha = sha256_file(ckpt_path)
         with stage("export unet.onnx"):
@@ -164,6 +169,11 @@ class _Stage:
         return False
 
 
+def _with_frame_noise(ckpt, frame_noise: str | None):
+    """The checkpoint with ``frame_noise`` as its default (what the manifest records), when one is asked for."""
+    return ckpt if frame_noise is None else replace(ckpt, diffusion=replace(ckpt.diffusion, frame_noise=frame_noise))
+
+
 def _with_image_size(ckpt, image_size: int | None):
     """The checkpoint exported at ``image_size`` (a multiple of 2**levels), when one is asked for."""
     if image_size is None or image_size == ckpt.model.image_size:
@@ -177,9 +187,14 @@ def _with_image_size(ckpt, image_size: int | None):
 
 
 def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwrite: bool,
-                   image_size: int | None) -> None:
+                   image_size: int | None, frame_noise: str | None = None) -> None:
     if image_size is not None and image_size < 8:
         raise ExportError(f"--image-size must be at least 8, got {image_size}")
+    if frame_noise is not None:
+        try:
+            noise_correlation(frame_noise)
+        except ValueError as e:
+            raise ExportError(str(e).replace("frame noise", "--frame-noise", 1)) from None
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"--precision must be fp16 or fp32, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:

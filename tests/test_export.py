@@ -8,6 +8,8 @@ UNet, so 1e-4 has two orders of headroom yet fails any real export error (>= 1e-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import os
 import warnings
@@ -22,6 +24,7 @@ from dheads.engine.backends.base import BatchProfile, example_inputs
 from dheads.engine.bundle import (UNET_ONNX, UNET_ONNX_FP16, Manifest, read_manifest, sha256_file,
                                   write_manifest)
 from dheads.engine.config import CREMA, SMALL, AudioConfig
+from dheads.engine.plan import default_sampler
 from dheads.engine.model import DiffusedHeadsUNet
 from dheads.export import cli, pipeline
 from dheads.export.to_onnx import FORBIDDEN_OPS, all_nodes, check_unet_graph
@@ -239,11 +242,24 @@ def test_existing_output_needs_overwrite(tmp_path, ckpt):
     assert entries(tmp_path) == ["out"] and entries(tmp_path / "out") == ["keep.txt"]
 
 
-@pytest.mark.parametrize("args, fragment", [(["--opset", "17"], "opset 17"), (["--precision", "int8"], "int8")])
+@pytest.mark.parametrize("args, fragment", [(["--opset", "17"], "opset 17"), (["--precision", "int8"], "int8"),
+                                            (["--frame-noise", "1.5"], "--frame-noise must be one of fresh, repeat "
+                                                                       "or a correlation between 0 and 1 (e.g. 0.8), "
+                                                                       "got '1.5'")])
 def test_unsupported_options_are_one_line(tmp_path, ckpt, args, fragment):
     result = run_cli(ckpt, "-o", tmp_path / "out", *args)
     _assert_one_line_error(result, 2, fragment)
     assert entries(tmp_path) == []
+
+
+def test_frame_noise_option_sets_the_bundles_default_and_nothing_else(tmp_path, ckpt, export):
+    result = run_cli(ckpt, "-o", tmp_path / "b", "--precision", "fp32", "--batch", "1:2:3", "--no-tensorrt",
+                     "--seed", "0", "--frame-noise", "0.8")
+    assert result.exit_code == 0, result.output
+    got, base = read_manifest(tmp_path / "b"), read_manifest(export.out_dir)
+    assert got.diffusion.frame_noise == "0.8" and base.diffusion.frame_noise == "fresh"
+    assert replace(got.diffusion, frame_noise="fresh") == base.diffusion and got.model == base.model
+    assert default_sampler(got.diffusion).noise_corr == 0.8  # what dh-run samples with by default
 
 
 def test_failed_parity_exits_1_and_leaves_nothing(tmp_path, ckpt, monkeypatch):
