@@ -19,6 +19,7 @@ Usage: ``python -m dheads.benchmarks.heldout_study CLIPS... --engine E [--data P
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -69,14 +70,23 @@ def _strip(identity: np.ndarray, frames: np.ndarray, fps: int, scale: int = 2) -
     return cv2.resize(row, (row.shape[1] * scale, row.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
 
 
+def study_sampler(default: SamplerConfig, sampler: SamplerConfig | None = None, frame_noise: str | None = None,
+                  warm_steps: int = 0) -> SamplerConfig:
+    """What the study samples with: ``sampler``, else the engine's ``default`` (its recorded sampler, steps
+    and frame noise, as ``dh-run`` would use); ``frame_noise`` and ``warm_steps`` (when given) over it."""
+    changes = {"frame_noise": frame_noise} if frame_noise is not None else {}
+    if warm_steps:
+        changes["warm_steps"] = warm_steps
+    return dataclasses.replace(sampler or default, **changes)
+
+
 def study(clips: list[Path], engine: str | None, *, controls: list[Path] = (), data: Path | None = None,
-          sampler: SamplerConfig | None = None, seed: int = 0, long_seconds: float = 10.0,
-          strip_dir: Path | None = None) -> dict:
+          sampler: SamplerConfig | None = None, frame_noise: str | None = None, warm_steps: int = 0,
+          seed: int = 0, long_seconds: float = 10.0, strip_dir: Path | None = None) -> dict:
     """``controls``: more clips whose audio serves only as the mismatched lip-sync control (and fills the
-    long run's audio)."""
+    long run's audio). ``sampler`` None: the engine's default (``study_sampler``)."""
     head = TalkingHead.open(engine)
-    d = head.info.diffusion
-    sampler = sampler or SamplerConfig(d.sampler, d.sampling_steps)
+    sampler = study_sampler(head.default_sampler, sampler, frame_noise, warm_steps)
     fps, rate = head.info.audio.fps, head.info.audio.sample_rate
     pool = list(clips) + [c for c in controls if c not in clips]
     audio = {c.stem: load_audio(c)[0] for c in pool}
@@ -140,13 +150,13 @@ def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
          out: Optional[Path] = typer.Option(None), sampler: Optional[str] = typer.Option(None),
          steps: Optional[int] = typer.Option(None), seed: int = 0, long_seconds: float = 10.0,
          strips: Optional[Path] = typer.Option(None),
-         frame_noise: str = typer.Option("fresh", help="fresh | repeat | a correlation in (0, 1) (with --sampler and --steps)"),
-         warm_steps: int = typer.Option(0, help="warm start (with --sampler and --steps)")) -> None:
+         frame_noise: Optional[str] = typer.Option(None, help="fresh | repeat | a correlation in (0, 1) "
+                                                   "(default: the engine's, or fresh with --sampler and --steps)"),
+         warm_steps: int = typer.Option(0, help="warm start")) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = (SamplerConfig(sampler, steps, frame_noise=frame_noise, warm_steps=warm_steps)
-           if sampler and steps else None)
-    result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, seed=seed,
-                   long_seconds=long_seconds, strip_dir=strips)
+    cfg = SamplerConfig(sampler, steps) if sampler and steps else None
+    result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, frame_noise=frame_noise,
+                   warm_steps=warm_steps, seed=seed, long_seconds=long_seconds, strip_dir=strips)
     emit(result, out)
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dheads.benchmarks.heldout_study import grain, per_second, study
+from dheads.benchmarks.heldout_study import grain, per_second, study, study_sampler
 from dheads.engine.config import SamplerConfig
 
 
@@ -21,6 +21,15 @@ def test_grain_and_buckets_known_answers():
     dots[:, 4, 4] = 110  # one bright pixel: Laplacian -40 there, +10 at its 4 neighbours
     assert grain(dots)[0] == pytest.approx((40 ** 2 + 4 * 10 ** 2) / 64)
     assert per_second(np.arange(5.0), 2) == [0.5, 2.5, 4.0]
+
+
+def test_the_study_samples_as_dh_run_would_unless_told_otherwise():
+    demo = SamplerConfig("ddpm", 13, frame_noise="0.8")  # a bundle's recorded default
+    assert study_sampler(demo) == demo  # its frame noise included
+    assert study_sampler(demo, frame_noise="fresh") == SamplerConfig("ddpm", 13)
+    assert study_sampler(demo, SamplerConfig("ddim", 5)) == SamplerConfig("ddim", 5)
+    assert study_sampler(demo, SamplerConfig("ddpm", 25), "0.5", 4) == SamplerConfig("ddpm", 25, frame_noise="0.5",
+                                                                                   warm_steps=4)
 
 
 def test_study_on_a_held_out_clip(shared_data, tmp_path):
