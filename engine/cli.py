@@ -29,8 +29,17 @@ err = Console(stderr=True)
 app = typer.Typer(add_completion=False, help="Generate a talking-head video from one face image and speech.")
 
 
-def _summary(stats, out: Path, open_s: float) -> None:
+def describe_sampler(cfg: SamplerConfig) -> str:
+    """One line for the summary: what the video was sampled with, e.g. ``ddpm, 13 steps, frame noise 0.9``."""
+    text = f"{cfg.name}, {cfg.steps} step{'s' if cfg.steps != 1 else ''}"
+    if cfg.warm_steps:
+        text += f" (warm start: {cfg.warm_steps})"
+    return f"{text}, frame noise {cfg.frame_noise}"
+
+
+def _summary(stats, out: Path, open_s: float, sampler: SamplerConfig) -> None:
     t = Table(title=f"wrote {out}", show_header=False)
+    t.add_row("sampler", describe_sampler(sampler))
     t.add_row("frames", f"{stats.frames} ({stats.seconds_of_video:.2f} s of video at 25 fps)")
     t.add_row("total time", f"{stats.total_s:.2f} s")
     t.add_row("first frame", f"{stats.first_frame_s * 1000:.1f} ms")
@@ -175,7 +184,7 @@ def run(
         err.print(f"dh-run: error: {e.filename or output}: {e.strerror or e}", markup=False, highlight=False,
                   soft_wrap=True)
         raise typer.Exit(2) from None
-    _summary(stats, output, open_s)
+    _summary(stats, output, open_s, cfg or head.default_sampler)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import av
 import numpy as np
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from dheads.engine.atomic import file_mode
 from dheads.engine.checkpoint import checkpoint_from_model, save_checkpoint
 from dheads.engine.cli import app
-from dheads.engine.config import SMALL
+from dheads.engine.config import SMALL, SamplerConfig
 from dheads.engine.encoders import default_audio_config
 from dheads.engine.model import DiffusedHeadsUNet
 
@@ -224,6 +225,15 @@ def test_threads_flag_sets_torch_threads_and_logs_progress_when_not_a_terminal(s
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "dheads.run.progress"]
     assert len(lines) == 10 and lines[-1].startswith("frames 10/10, "), lines
     assert "time to first frame" in r.stderr
+    assert re.search(r"sampler\s+\S\s+\w+, 1 step, frame noise fresh", r.stderr), r.stderr  # what it ran
+
+
+def test_summary_names_the_sampler_the_video_was_made_with():
+    from dheads.engine.cli import describe_sampler
+
+    assert describe_sampler(SamplerConfig("ddpm", 13, frame_noise="0.9")) == "ddpm, 13 steps, frame noise 0.9"
+    assert describe_sampler(SamplerConfig("dpmpp_2m", 20, warm_steps=4)) == ("dpmpp_2m, 20 steps (warm start: 4), "
+                                                                            "frame noise fresh")
 
 
 def test_negative_threads_one_line_exit_2(shared_data, engine, tmp_path):
