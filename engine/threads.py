@@ -10,7 +10,8 @@ The policy, for ``threads`` (``--threads``; None = auto):
 
 * auto: ``OMP_NUM_THREADS`` when the user set it, else the cores this process may run on
   (``os.sched_getaffinity``) minus the ones other processes keep busy (the 1-minute load average,
-  rounded, capped by the tasks runnable right now: :func:`busy_cores`), at least 1; split between the ranks of a ``torchrun`` node (``LOCAL_WORLD_SIZE``).
+  rounded, capped by the tasks runnable right now: :func:`busy_cores`), at least 1; split between the
+  ranks of a ``torchrun`` node (``LOCAL_WORLD_SIZE``).
 * ``runtime``: the engine that runs the UNet gets the threads. When ONNX Runtime or TensorRT runs the
   UNet, torch only does the sampler arithmetic on tiny tensors: 1 thread (no pool to wake).
 * ``training``: torch gets the threads; DataLoader workers 1 each (:func:`worker_init`).
@@ -52,21 +53,24 @@ def usable_cores() -> int:
 LOADAVG = "/proc/loadavg"  # Linux: "load1 load5 load15 running/total lastpid"
 
 
-def runnable_others(path: str | None = None, samples: int = 5, gap_s: float = 0.02) -> int | None:
+def runnable_others(path: str | None = None, samples: int = 5, gap_s: float = 0.02,
+                    enough: int | None = None) -> int | None:
     """Tasks other than this one that are runnable right now: the most of ``samples`` readings of
     ``/proc/loadavg``'s running count (``path``; default :data:`LOADAVG`), ``gap_s`` apart, less this
-    process's own reading thread (None where the file is missing or unreadable)."""
+    process's own reading thread (None where the file is missing or unreadable). Stops reading once the
+    count reaches ``enough`` (a caller that only needs to know whether it is that high waits no longer)."""
     most = None
     for i in range(samples):
         try:
             with open(path or LOADAVG) as f:
-                running = int(f.read().split()[3].split("/")[0])
+                running = int(f.read().split()[3].split("/")[0]) - 1
         except (OSError, ValueError, IndexError):
             return None
         most = running if most is None else max(most, running)
-        if i + 1 < samples:
-            time.sleep(gap_s)
-    return max(0, most - 1)
+        if (enough is not None and most >= enough) or i + 1 == samples:
+            break
+        time.sleep(gap_s)
+    return max(0, most)
 
 
 def busy_cores() -> int:
@@ -79,7 +83,9 @@ def busy_cores() -> int:
         load = round(os.getloadavg()[0])
     except (AttributeError, OSError):
         return 0
-    now = runnable_others()
+    if load == 0:  # nothing to cap: start-up reads no more
+        return 0
+    now = runnable_others(enough=load)  # on a busy machine the first reading usually reaches the load
     return load if now is None else min(load, now)
 
 

@@ -8,11 +8,10 @@ UNet, so 1e-4 has two orders of headroom yet fails any real export error (>= 1e-
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -24,8 +23,8 @@ from dheads.engine.backends.base import BatchProfile, example_inputs
 from dheads.engine.bundle import (UNET_ONNX, UNET_ONNX_FP16, Manifest, read_manifest, sha256_file,
                                   write_manifest)
 from dheads.engine.config import CREMA, SMALL, AudioConfig
-from dheads.engine.plan import default_sampler
 from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.plan import default_sampler
 from dheads.export import cli, pipeline
 from dheads.export.to_onnx import FORBIDDEN_OPS, all_nodes, check_unet_graph
 from dheads.export.verify import ORT_FP32, ParityError, ParityReport, ParityStats, verify_onnx

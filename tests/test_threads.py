@@ -47,6 +47,20 @@ def test_busy_cores_is_the_load_average_capped_by_what_runs_now(monkeypatch, tmp
     assert threads.runnable_others(str(tmp_path / "missing"), 2, 0.0) is None
 
 
+def test_runnable_count_stops_reading_once_it_reaches_what_the_caller_needs(monkeypatch, tmp_path):
+    """Start-up pays for the repeated readings only where they can lower the count."""
+    avg = tmp_path / "loadavg"
+    naps = []
+    monkeypatch.setattr(threads.time, "sleep", naps.append)
+    avg.write_text("2.10 1.50 0.90 3/312 4242\n")
+    assert threads.runnable_others(str(avg), 5, 0.02, enough=2) == 2 and naps == []  # one reading sufficed
+    assert threads.runnable_others(str(avg), 5, 0.02, enough=3) == 2 and naps == [0.02] * 4  # all five
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    monkeypatch.setattr(threads, "LOADAVG", str(tmp_path / "missing"))
+    naps.clear()
+    assert threads.busy_cores() == 0 and naps == []  # an idle load average needs no readings
+
+
 def test_training_splits_the_free_cores_over_the_ranks_of_a_node(no_env):
     no_env.setattr(threads, "busy_cores", lambda: 0)
     no_env.setenv("LOCAL_WORLD_SIZE", "4")
