@@ -152,9 +152,11 @@ def main(clips: list[Path], engine: Optional[str] = typer.Option(None),
          strips: Optional[Path] = typer.Option(None),
          frame_noise: Optional[str] = typer.Option(None, help="fresh | repeat | a correlation in (0, 1) "
                                                    "(default: the engine's, or fresh with --sampler and --steps)"),
-         warm_steps: int = typer.Option(0, help="warm start")) -> None:
+         warm_steps: int = typer.Option(0, help="warm start"),
+         spacing: str = typer.Option("uniform", help="with --sampler and --steps: uniform | karras | trailing")
+         ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = SamplerConfig(sampler, steps) if sampler and steps else None
+    cfg = SamplerConfig(sampler, steps, spacing=spacing) if sampler and steps else None
     result = study(clips, engine, controls=list(control or []), data=data, sampler=cfg, frame_noise=frame_noise,
                    warm_steps=warm_steps, seed=seed, long_seconds=long_seconds, strip_dir=strips)
     emit(result, out)

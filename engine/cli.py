@@ -122,9 +122,9 @@ def run(
                                            "noised to this respaced step and run only these steps (0 = off)."),
     tables: str = typer.Option("float64", help="Step coefficient tables: float64, or authors (their float32 "
                                                "tables: their sampler bit for bit)."),
-    spacing: Optional[str] = typer.Option(None, help="Which timesteps the steps visit: uniform (the authors' rule) "
-                                                      "or karras (denser at low noise). Default: the preset's, "
-                                                      "else uniform."),
+    spacing: Optional[str] = typer.Option(None, help="Which timesteps the steps visit: uniform (the authors' rule), "
+                                                      "karras (denser at low noise) or trailing (Lin et al. 2024: "
+                                                      "no call at t = 0). Default: the preset's, else the model's."),
     frame_noise: Optional[str] = typer.Option(None, help="fresh: new noise every frame (the authors' way); repeat: "
                                                           "every frame reuses frame 0's noise, so frames differ only "
                                                           "where their audio and motion do; a number between 0 and 1 "

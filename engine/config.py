@@ -153,6 +153,9 @@ class AudioConfig:
         return _from_dict(cls, data)
 
 
+SPACINGS = ("uniform", "karras", "trailing")  # engine.schedule.SPACINGS holds the functions
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The diffusion process: the training schedule and the default respacing for sampling."""
@@ -162,6 +165,11 @@ class DiffusionConfig:
     sampling_steps: int = 100  # the default respacing dh-run uses for this model
     sampler: str = "ddpm"  # the default sampler dh-run uses for this model
     frame_noise: str = "fresh"  # the default SamplerConfig.frame_noise for this model
+    spacing: str = "uniform"  # the default SamplerConfig.spacing (a few-step student's: the grid it learned)
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -211,7 +219,6 @@ class RuntimeConfig:
 
 
 TABLES = ("float64", "authors")
-SPACINGS = ("uniform", "karras")  # engine.schedule.SPACINGS holds the functions
 
 
 @dataclass(frozen=True)
@@ -221,8 +228,9 @@ class SamplerConfig:
     ``tables``: ``float64`` (default) or ``authors`` (their float32 tables, to reproduce their sampler bit
     for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
     noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
-    ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule) or ``karras``
-    (EDM's rho = 7 placement, denser at low noise). ``frame_noise``: ``fresh`` (each frame draws new
+    ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule), ``karras``
+    (EDM's rho = 7 placement, denser at low noise) or ``trailing`` (Lin et al. 2024: T-1 down to T/n - 1,
+    no call spent at t = 0; what few-step students are trained on). ``frame_noise``: ``fresh`` (each frame draws new
     noise, the authors' way), ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
     differ only where their conditioning does), or a correlation between 0 and 1 such as ``"0.8"``
     (``engine/noise.py``: each frame's noise still N(0, I), correlated 0.8 with every other frame's).

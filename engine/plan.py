@@ -20,7 +20,8 @@ from .schedule import Schedule, authors_float32_columns, respace, schedule_for
 
 def default_sampler(diffusion: DiffusionConfig) -> SamplerConfig:
     """The sampler and step count an artifact records as its default."""
-    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps, frame_noise=diffusion.frame_noise)
+    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps, frame_noise=diffusion.frame_noise,
+                         spacing=diffusion.spacing)
 
 
 # Named sampler choices. "quality": the artifact's own default. "realtime": chosen from the frontier of the

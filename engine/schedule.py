@@ -157,7 +157,25 @@ def karras_timesteps(schedule: Schedule, n: int, rho: float = 7.0) -> list[int]:
     return ts
 
 
-SPACINGS = {"uniform": lambda schedule, n: respaced_timesteps(len(schedule), n), "karras": karras_timesteps}
+def trailing_timesteps(schedule: Schedule, n: int) -> list[int]:
+    """Lin et al.'s "trailing" placement (WACV 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Table 2): ``round(arange(T, 0, -T/n)) - 1``, i.e. ``round(T - k T/n) - 1`` for k < n, ascending;
+    249, 499, 749, 999 for n = 4.
+
+    The authors' uniform rule ends on t = 0, where x is already clean (sigma/alpha = 0.006 on the cosine
+    schedule): that step's UNet call changes nothing, and the step before it has to jump from T/(n-1) to 0.
+    Trailing steps end at T/n - 1 instead, so every call denoises; the last one's x0 is the frame. At 4
+    steps on the demo model: F-MSE 22.9 against uniform's 161.8 (README, "Few-step students")."""
+    t = len(schedule)
+    if not 1 <= n <= t:
+        raise ValueError(f"steps must be in 1..{t}, got {n}")
+    # their arange, rounding ties as it does (n = 48: 187.4999 -> 186), but only its first n values: its float
+    # stop can yield an (n+1)-th near 0 (n = 61: -1)
+    return sorted(int(v) - 1 for v in np.round(np.arange(t, 0, -t / n))[:n])
+
+
+SPACINGS = {"uniform": lambda schedule, n: respaced_timesteps(len(schedule), n), "karras": karras_timesteps,
+            "trailing": trailing_timesteps}
 
 
 def respace(schedule: Schedule, n: int, spacing: str = "uniform") -> Schedule:

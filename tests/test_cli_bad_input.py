@@ -94,7 +94,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
         "sampler foo": ([*ok, "--sampler", "foo"],
                         "Invalid value for --sampler: unknown sampler 'foo'; choose one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
         "crop centre": ([*ok, "--crop", "centre"], "Invalid value for --crop: must be 'auto' or 'none', got 'centre'"),
-        "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, got 'log'"),
+        "spacing log": ([*ok, "--spacing", "log"], "Invalid value for --spacing: must be one of uniform, karras, trailing, got 'log'"),
         "frame-noise same": ([*ok, "--frame-noise", "same"],
                              "Invalid value for --frame-noise: must be one of fresh, repeat or a correlation between 0 and 1 "
                              "(e.g. 0.8), got 'same'"),

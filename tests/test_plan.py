@@ -159,10 +159,45 @@ def test_karras_plan_visits_its_timesteps_and_refuses_the_authors_tables():
 
     plan = make_plan(DiffusionConfig(), SamplerConfig("dpmpp_2m", 6, spacing="karras"))
     assert plan.schedule.timesteps.tolist() == karras_timesteps(cosine_schedule(), 6)
-    with pytest.raises(ValueError, match=r"^spacing must be one of uniform, karras, got 'log'$"):
+    with pytest.raises(ValueError, match=r"^spacing must be one of uniform, karras, trailing, got 'log'$"):
         SamplerConfig("ddpm", 10, spacing="log")
     with pytest.raises(ValueError, match="use spacing uniform"):
         SamplerConfig("ddpm", 10, tables="authors", spacing="karras")
+
+
+def test_trailing_spacing_is_lin_et_al_rule_and_spends_no_call_at_t0():
+    """Lin et al. 2024, Table 2: ``round(arange(T, 0, -T/n)) - 1``. The final step's x0 is the frame, taken
+    from t = T/n - 1, where the uniform rule spends its last call at t = 0 (a UNet call on a clean frame)."""
+    import numpy as np
+
+    from dheads.engine.plan import make_plan
+    from dheads.engine.schedule import cosine_schedule, trailing_timesteps
+
+    base = cosine_schedule()
+    assert trailing_timesteps(base, 4) == [249, 499, 749, 999]
+    assert trailing_timesteps(base, 13) == [76, 153, 230, 307, 384, 461, 537, 614, 691, 768, 845, 922, 999]
+    assert trailing_timesteps(base, 1) == [999] and trailing_timesteps(base, 1000) == list(range(1000))
+    for n in range(1, 1001):
+        ts = trailing_timesteps(base, n)
+        assert len(ts) == n and ts[-1] == 999 and all(a < b for a, b in zip(ts, ts[1:])), n
+        assert ts == sorted(np.round(np.arange(1000, 0, -1000 / n)).astype(int)[:n] - 1), n
+    with pytest.raises(ValueError, match=r"^steps must be in 1..1000, got 0$"):
+        trailing_timesteps(base, 0)
+    plan = make_plan(DiffusionConfig(), SamplerConfig("ddpm", 4, spacing="trailing"))
+    assert plan.schedule.timesteps.tolist() == [249, 499, 749, 999] and plan.calls() == 4
+    # the respaced final step (k = 0) goes to abar = 1: its DDPM mean is the clamped x0 itself
+    tables = plan.tables()
+    assert tables.mean_coef_x0[0].item() == pytest.approx(1.0) and tables.mean_coef_xt[0].item() == pytest.approx(0.0)
+
+
+def test_artifact_records_its_spacing():
+    d = DiffusionConfig(sampling_steps=4, sampler="ddpm", frame_noise="0.9", spacing="trailing")
+    assert default_sampler(d) == SamplerConfig("ddpm", 4, frame_noise="0.9", spacing="trailing")
+    assert DiffusionConfig.from_dict(d.to_dict()) == d
+    assert DiffusionConfig.from_dict({"num_timesteps": 1000, "schedule": "cosine", "sampling_steps": 25,
+                                      "sampler": "ddpm"}).spacing == "uniform"  # older artifacts
+    with pytest.raises(ValueError, match=r"^spacing must be one of uniform, karras, trailing, got 'leading'$"):
+        DiffusionConfig(spacing="leading")
 
 
 def test_artifact_records_its_frame_noise():
