@@ -205,7 +205,7 @@ def test_cli_distill_two_ddpm_rounds_and_a_foreign_folder(teacher, data, tmp_pat
     assert first.diffusion.sampling_steps == 3 and last.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm")
     assert last.meta["distill"]["teacher_grid"] == [0, 500, 999] and last.meta["distill"]["sampler"] == "ddpm"
     assert last.meta["distill"]["teacher"] == str(teacher) and last.meta["distill"]["rollout"] == 1.0
-    with pytest.raises(ValueError, match="another teacher, step count or teacher path"):
+    with pytest.raises(ValueError, match="another teacher, step count, grid or teacher path"):
         D.distill(teacher, data, out, D.DistillConfig(steps=3, rounds=2), _base(steps=1), progress=False)
 
 
@@ -218,3 +218,37 @@ def test_cli_distill_errors_are_one_line(teacher, data, tmp_path, capsys):
         dh_train(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "o"),
                   "--steps", "1"])
     assert e.value.code == 2 and "--steps must be >= 2" in capsys.readouterr().err
+
+
+def test_a_trailing_student_learns_from_its_teachers_own_grid():
+    """``--spacing trailing --teacher-grid own``: the 4-step student's grid is Lin et al.'s 249..999 and its
+    teacher (a 13-step uniform student) steps on its own grid between them, starting where x is."""
+    own = respaced_timesteps(1000, 13)
+    (tg, sg), = D.round_grids(1000, 4, 1, final=[249, 499, 749, 999], teacher_own=own)
+    assert tg == own and sg == [249, 499, 749, 999]
+    assert D.teacher_path(tg, 999, 749) == [999, 916, 832]  # on both grids: the teacher's own steps
+    assert D.teacher_path(tg, 499, 249) == [499, 416, 333, 250]  # 499 is not on the teacher's grid
+    assert D.teacher_path(tg, 249, D.CLEAN) == [249, 166, 83, 0]
+    with pytest.raises(ValueError, match=r"^--spacing must be one of uniform, karras, trailing, got 'even'$"):
+        D.DistillConfig(spacing="even")
+    with pytest.raises(ValueError, match=r"^--teacher-grid must be refined or own, got 'fine'$"):
+        D.DistillConfig(teacher_grid="fine")
+
+
+def test_cli_distill_trailing_student_records_its_grid(teacher, data, tmp_path):
+    out = tmp_path / "t"
+    args = ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--steps", "2",
+            "--rounds", "1", "--sampler", "ddpm", "--spacing", "trailing", "--teacher-grid", "own", "--rollout", "1",
+            "--threads", "1", "--no-progress", "--set", "train.steps=1", "--set", "train.batch_size=2"]
+    with pytest.raises(SystemExit) as e:
+        dh_train(args)
+    assert e.value.code == 0
+    student = load_checkpoint(out / "student.pt")
+    assert student.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm", spacing="trailing")
+    meta = student.meta["distill"]
+    assert meta["grid"] == [499, 999] and meta["engine_grid"] and meta["spacing"] == "trailing"
+    assert meta["teacher_grid"] == respaced_timesteps(1000, 100)  # the TorchScript teacher samples DDPM 100
+    assert make_plan(student.diffusion).schedule.timesteps.tolist() == [499, 999]  # what dh-run then samples
+    with pytest.raises(ValueError, match="another teacher, step count, grid or teacher path"):
+        D.distill(teacher, data, out, D.DistillConfig(steps=2, rounds=1, sampler="ddpm"), _base(steps=1),
+                  progress=False)

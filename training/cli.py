@@ -157,6 +157,14 @@ def distill(
     teacher_substeps: Annotated[int, typer.Option(help="the first round's teacher steps per student step: 2 "
                                                        "(Salimans & Ho), 4 or 8 (a finer teacher path, "
                                                        "that many times the teacher calls)")] = 2,
+    spacing: Annotated[str, typer.Option(help="the student's timesteps: uniform (the authors' rule, ends on "
+                                              "t = 0), trailing (Lin et al. 2024: 999, 749, 499, 249 for 4 "
+                                              "steps, every call denoises) or karras; recorded as its default")
+                       ] = "uniform",
+    teacher_grid: Annotated[str, typer.Option(help="round 1's teacher steps: refined (the student grid refined "
+                                                   "--teacher-substeps times) or own (the grid the teacher "
+                                                   "samples on by default, e.g. a 13-step student's)")
+                            ] = "refined",
     config: Annotated[str, typer.Option(help="preset or .toml for the data/loss/optim/train sections "
                                              "(train.steps is per round); model and diffusion come from "
                                              "the teacher")] = "distill",
@@ -181,12 +189,12 @@ def distill(
 
     try:
         dcfg = DistillConfig(steps=steps, rounds=rounds, rollout=rollout, sampler=sampler,
-                             teacher_substeps=teacher_substeps)
+                             teacher_substeps=teacher_substeps, spacing=spacing, teacher_grid=teacher_grid)
         result = run_distill(teacher, data, out, dcfg, load_config(config, list(set_ or [])), resume=resume,
                              device=device, progress=progress)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         _fail(str(e))
-    log.info("student: %s (%s, %d steps)", result.student, sampler, steps)
+    log.info("student: %s (%s, %d %s steps)", result.student, sampler, steps, spacing)
 
 
 @app.command()
