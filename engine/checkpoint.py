@@ -2,7 +2,9 @@
 
 Recognised: our ``dheads`` checkpoint (config + weights + EMA + diffusion + audio settings + version),
 the authors' released TorchScript UNet (``crema_script.pt``), the authors' Lightning training
-checkpoints (tensors under ``unet.*`` / ``diffusion.nn_backbone.*``), and a bare UNet state_dict.
+checkpoints (tensors under ``unet.*`` / ``diffusion.nn_backbone.*``), a bare UNet state_dict, and a
+``dh-export`` bundle (a folder with ``manifest.json``: its ONNX weights, read back and checked against
+ONNX Runtime), so a shipped bundle such as the embedded demo can be fine-tuned or distilled.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 FORMAT = "dheads-checkpoint"
 VERSION = 1
 _EXPECTED = ("expected a dheads checkpoint, the authors' TorchScript UNet (crema_script.pt), "
-             "a Lightning checkpoint with unet.* tensors, or a UNet state_dict")
+             "a Lightning checkpoint with unet.* tensors, a UNet state_dict or a dh-export bundle folder")
 _LIGHTNING_PREFIXES = ("unet.", "diffusion.nn_backbone.")
 
 
@@ -159,6 +161,10 @@ def _first_line(e: BaseException) -> str:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Recognise and load any supported checkpoint; raise CheckpointError with one clear line."""
     path = Path(path)
+    if path.is_dir():
+        from .bundle_weights import checkpoint_from_bundle  # onnx is imported only for bundles
+
+        return checkpoint_from_bundle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if _is_torchscript(path):
