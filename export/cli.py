@@ -101,6 +101,10 @@ def export(
     frame_noise: Optional[str] = typer.Option(None, help="The bundle's default frame noise: fresh | repeat | a "
                                               "correlation in (0, 1) between frames' noise (default: the "
                                               "checkpoint's)."),
+    steps: Optional[int] = typer.Option(None, help="The bundle's default steps (UNet calls per frame; default: "
+                                        "the checkpoint's)."),
+    spacing: Optional[str] = typer.Option(None, help="The bundle's default step placement: uniform | karras | "
+                                          "trailing (default: the checkpoint's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the exporter does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -118,7 +122,7 @@ def export(
             result = run_export(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
                                 profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
                                 timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
-                                frame_noise=frame_noise, on_stage=on_stage)
+                                frame_noise=frame_noise, steps=steps, spacing=spacing, on_stage=on_stage)
     except USER_ERRORS as e:
         _fail(e, 2)
     except FAILURES as e:

@@ -27,6 +27,7 @@ from dheads.engine.backends.base import BatchProfile, unet_io_spec
 from dheads.engine.bundle import (MANIFEST, UNET_ONNX, UNET_ONNX_FP16, UNET_PLAN, BundleFile, Manifest,
                                   read_manifest, sha256_file, write_manifest)
 from dheads.engine.checkpoint import load_checkpoint
+from dheads.engine.config import SPACINGS
 from dheads.engine.noise import noise_correlation
 
 from .audio import audio_record
@@ -74,20 +75,22 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
                profile: BatchProfile = BatchProfile(), opset: int = DEFAULT_OPSET, tensorrt: bool | None = None,
                overwrite: bool = False, seed: int | None = None, timing_cache=None, trt_typing: str = "auto",
                ema: bool = True, image_size: int | None = None, frame_noise: str | None = None,
+               steps: int | None = None, spacing: str | None = None,
                on_stage: StageFn | None = None) -> ExportResult:
     """:func:`export_bundle`, also returning stage timings and parity reports (for the CLI's summary).
 
     ``frame_noise``: the bundle's default frame noise (``engine/noise.py``), recorded in its manifest in
-    place of the checkpoint's; None keeps the checkpoint's."""
+    place of the checkpoint's; None keeps the checkpoint's. ``steps``, ``spacing``: likewise the bundle's
+    default step count and step placement (e.g. 4 trailing steps for a model that samples well on them)."""
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    _check_request(ckpt_path, out_dir, precision, opset, overwrite, image_size, frame_noise)
+    _check_request(ckpt_path, out_dir, precision, opset, overwrite, image_size, frame_noise, steps, spacing)
     build_plan = _want_tensorrt(tensorrt)
     seed = secrets.randbits(31) if seed is None else seed
     stage = _Stages(on_stage)
     tmp = _make_temp_dir(out_dir)
     try:
         with stage("load checkpoint"):
-            ckpt = _with_frame_noise(_with_image_size(load_checkpoint(ckpt_path), image_size), frame_noise)
+            ckpt = _with_sampling(_with_image_size(load_checkpoint(ckpt_path), image_size), frame_noise, steps, spacing)
             model = ckpt.build(ema=ema)
             source_sha = sha256_file(ckpt_path)
         with stage("export unet.onnx"):
@@ -169,9 +172,14 @@ class _Stage:
         return False
 
 
-def _with_frame_noise(ckpt, frame_noise: str | None):
-    """The checkpoint with ``frame_noise`` as its default (what the manifest records), when one is asked for."""
-    return ckpt if frame_noise is None else replace(ckpt, diffusion=replace(ckpt.diffusion, frame_noise=frame_noise))
+def _with_sampling(ckpt, frame_noise: str | None, steps: int | None, spacing: str | None):
+    """The checkpoint with these as its default sampling (what the manifest records), where given."""
+    asked = {"frame_noise": frame_noise, "sampling_steps": steps, "spacing": spacing}
+    changes = {k: v for k, v in asked.items() if v is not None}
+    if steps is not None and steps > ckpt.diffusion.num_timesteps:
+        raise ExportError(f"--steps must be at most {ckpt.diffusion.num_timesteps} (the model's diffusion "
+                          f"timesteps), got {steps}")
+    return replace(ckpt, diffusion=replace(ckpt.diffusion, **changes)) if changes else ckpt
 
 
 def _with_image_size(ckpt, image_size: int | None):
@@ -187,7 +195,8 @@ def _with_image_size(ckpt, image_size: int | None):
 
 
 def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwrite: bool,
-                   image_size: int | None, frame_noise: str | None = None) -> None:
+                   image_size: int | None, frame_noise: str | None = None, steps: int | None = None,
+                   spacing: str | None = None) -> None:
     if image_size is not None and image_size < 8:
         raise ExportError(f"--image-size must be at least 8, got {image_size}")
     if frame_noise is not None:
@@ -195,6 +204,10 @@ def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwr
             noise_correlation(frame_noise)
         except ValueError as e:
             raise ExportError(str(e).replace("frame noise", "--frame-noise", 1)) from None
+    if steps is not None and steps < 1:
+        raise ExportError(f"--steps must be at least 1, got {steps}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ExportError(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"--precision must be fp16 or fp32, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:

@@ -252,3 +252,13 @@ def test_cli_distill_trailing_student_records_its_grid(teacher, data, tmp_path):
     with pytest.raises(ValueError, match="another teacher, step count, grid or teacher path"):
         D.distill(teacher, data, out, D.DistillConfig(steps=2, rounds=1, sampler="ddpm"), _base(steps=1),
                   progress=False)
+
+
+def test_a_bundle_teacher_is_identified_by_its_onnx_weights(tmp_path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "unet.onnx").write_bytes(b"weights")
+    (bundle / "manifest.json").write_text("{}")
+    single = tmp_path / "t.pt"
+    single.write_bytes(b"weights")
+    assert D.teacher_digest(bundle) == D.teacher_digest(single) == D.sha256(single)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from dheads.engine.backends.base import BatchProfile, example_inputs
 from dheads.engine.bundle import (UNET_ONNX, UNET_ONNX_FP16, Manifest, read_manifest, sha256_file,
                                   write_manifest)
-from dheads.engine.config import CREMA, SMALL, AudioConfig
+from dheads.engine.config import CREMA, SMALL, AudioConfig, SamplerConfig
 from dheads.engine.model import DiffusedHeadsUNet
 from dheads.engine.plan import default_sampler
 from dheads.export import cli, pipeline
@@ -259,6 +259,23 @@ def test_frame_noise_option_sets_the_bundles_default_and_nothing_else(tmp_path, 
     assert got.diffusion.frame_noise == "0.8" and base.diffusion.frame_noise == "fresh"
     assert replace(got.diffusion, frame_noise="fresh") == base.diffusion and got.model == base.model
     assert default_sampler(got.diffusion).noise_corr == 0.8  # what dh-run samples with by default
+
+
+def test_steps_and_spacing_options_set_the_bundles_default_sampling(tmp_path, ckpt, export):
+    result = run_cli(ckpt, "-o", tmp_path / "b", "--precision", "fp32", "--batch", "1:2:3", "--no-tensorrt",
+                     "--seed", "0", "--steps", "4", "--spacing", "trailing", "--frame-noise", "0.9")
+    assert result.exit_code == 0, result.output
+    got, base = read_manifest(tmp_path / "b"), read_manifest(export.out_dir)
+    assert replace(got.diffusion, sampling_steps=base.diffusion.sampling_steps, spacing="uniform",
+                   frame_noise="fresh") == base.diffusion
+    assert default_sampler(got.diffusion) == SamplerConfig(base.diffusion.sampler, 4, spacing="trailing",
+                                                           frame_noise="0.9")  # what dh-run samples with
+    for args, line in ((("--steps", "0"), "--steps must be at least 1, got 0"),
+                       (("--steps", "1001"), "--steps must be at most 1000 (the model's diffusion timesteps), got 1001"),
+                       (("--spacing", "even"), "--spacing must be one of uniform, karras, trailing, got 'even'")):
+        bad = run_cli(ckpt, "-o", tmp_path / "c", "--precision", "fp32", "--no-tensorrt", *args)
+        assert bad.exit_code == 2 and error_lines(bad) == [f"dh-export: error: {line}"], bad.output
+        assert not (tmp_path / "c").exists()
 
 
 def test_failed_parity_exits_1_and_leaves_nothing(tmp_path, ckpt, monkeypatch):

@@ -340,6 +340,12 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def teacher_digest(path: str | os.PathLike) -> str:
+    """sha256 of a teacher checkpoint file, or of a bundle folder's ``unet.onnx`` (where its weights are)."""
+    path = Path(path)
+    return sha256(path / "unet.onnx" if path.is_dir() else path)
+
+
 def student_config(base: TrainingConfig, teacher: Checkpoint, data: str | os.PathLike, steps: int,
                    sampler: str = "ddim", spacing: str = "uniform") -> TrainingConfig:
     """``base``'s data/loss/optim/train sections with the teacher's architecture; its diffusion: ``sampler``
@@ -370,7 +376,7 @@ def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str |
     """
     out = Path(out)
     teacher0 = load_checkpoint(teacher_path)
-    digest = sha256(teacher_path)
+    digest = teacher_digest(teacher_path)
     T, schedule = teacher0.diffusion.num_timesteps, schedule_for(teacher0.diffusion)
     own = make_plan(teacher0.diffusion).schedule.timesteps.tolist() if dcfg.teacher_grid == "own" else None
     grids = round_grids(T, dcfg.steps, dcfg.rounds, dcfg.teacher_substeps,
