@@ -30,8 +30,10 @@ app = typer.Typer(add_completion=False, help="Generate a talking-head video from
 
 
 def describe_sampler(cfg: SamplerConfig) -> str:
-    """One line for the summary: what the video was sampled with, e.g. ``ddpm, 13 steps, frame noise 0.9``."""
-    text = f"{cfg.name}, {cfg.steps} step{'s' if cfg.steps != 1 else ''}"
+    """One line for the summary: what the video was sampled with, e.g. ``ddpm, 4 trailing steps, frame noise 0.9``
+    (the step placement is named unless it is the authors' uniform one)."""
+    placed = "" if cfg.spacing == "uniform" else f"{cfg.spacing} "
+    text = f"{cfg.name}, {cfg.steps} {placed}step{'s' if cfg.steps != 1 else ''}"
     if cfg.warm_steps:
         text += f" (warm start: {cfg.warm_steps})"
     return f"{text}, frame noise {cfg.frame_noise}"

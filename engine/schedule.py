@@ -165,7 +165,7 @@ def trailing_timesteps(schedule: Schedule, n: int) -> list[int]:
     The authors' uniform rule ends on t = 0, where x is already clean (sigma/alpha = 0.006 on the cosine
     schedule): that step's UNet call changes nothing, and the step before it has to jump from T/(n-1) to 0.
     Trailing steps end at T/n - 1 instead, so every call denoises; the last one's x0 is the frame. At 4
-    steps on the demo model: F-MSE 22.9 against uniform's 161.8 (README, "Few-step students")."""
+    steps on the demo model: F-MSE 22.9 against uniform's 161.8 (README, "Sampling", step placement)."""
     t = len(schedule)
     if not 1 <= n <= t:
         raise ValueError(f"steps must be in 1..{t}, got {n}")

@@ -232,6 +232,8 @@ def test_summary_names_the_sampler_the_video_was_made_with():
     from dheads.engine.cli import describe_sampler
 
     assert describe_sampler(SamplerConfig("ddpm", 13, frame_noise="0.9")) == "ddpm, 13 steps, frame noise 0.9"
+    assert describe_sampler(SamplerConfig("ddpm", 4, spacing="trailing", frame_noise="0.9")) == (
+        "ddpm, 4 trailing steps, frame noise 0.9")
     assert describe_sampler(SamplerConfig("dpmpp_2m", 20, warm_steps=4)) == ("dpmpp_2m, 20 steps (warm start: 4), "
                                                                             "frame noise fresh")
 
