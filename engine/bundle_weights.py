@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends.base import example_inputs
+from .bundle import UNET_ONNX as ONNX_FILE
 from .bundle import BundleError, read_manifest
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, _first_line
 from .model import DiffusedHeadsUNet
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "unet.onnx"
 PREFIX = "unet."
 # fp32 on CPU, the same graph: measured 1.3e-6 to 2.9e-6 max abs on the demo bundles; a misread weight is >> 1e-2.
 PARITY_ATOL = 1e-4
@@ -96,16 +97,11 @@ def _state_dict(net: DiffusedHeadsUNet, graph, numpy_helper) -> dict[str, torch.
 
 
 def _parity(net: DiffusedHeadsUNet, onnx_path: Path) -> float:
-    """Max abs difference between the rebuilt UNet and ONNX Runtime on one seeded random batch of 2."""
+    """Max abs difference between the rebuilt UNet and ONNX Runtime on one seeded random batch of 2 (the
+    exporter's own ``example_inputs``)."""
     import onnxruntime as ort
 
-    cfg = net.config
-    g = torch.Generator().manual_seed(0)
-    s = cfg.image_size
-    x = torch.randn(2, 3, s, s, generator=g)
-    feeds = {"x_t": x, "timesteps": torch.tensor([999.0, 250.0]), "identity": torch.rand(2, 3, s, s, generator=g) * 2 - 1,
-             "motion_frames": torch.rand(2, cfg.motion_channels, s, s, generator=g) * 2 - 1,
-             "audio_emb": torch.randn(2, cfg.audio_frames, cfg.audio_dim, generator=g)}
+    feeds = example_inputs(net.config, 2, generator=torch.Generator().manual_seed(0))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     ref = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
     with torch.no_grad():
@@ -128,7 +124,7 @@ def checkpoint_from_bundle(path: str | Path) -> Checkpoint:
     try:
         graph = onnx.load(str(onnx_path)).graph
     except Exception as e:  # noqa: BLE001 - any failure is "unreadable" to the user
-        raise CheckpointError(f"{onnx_path}: cannot be read as ONNX ({str(e).strip().splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{onnx_path}: cannot be read as ONNX ({_first_line(e)})") from None
     net = DiffusedHeadsUNet(man.model, man.diffusion).eval()
     net.load_state_dict(_state_dict(net, graph, numpy_helper), strict=True)
     err = _parity(net, onnx_path)

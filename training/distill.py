@@ -59,6 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dheads.engine.bundle import UNET_ONNX
 from dheads.engine.checkpoint import Checkpoint, load_checkpoint
 from dheads.engine.config import SPACINGS as SCHEDULE_SPACINGS
 from dheads.engine.config import DiffusionConfig
@@ -343,7 +344,7 @@ def sha256(path: str | os.PathLike) -> str:
 def teacher_digest(path: str | os.PathLike) -> str:
     """sha256 of a teacher checkpoint file, or of a bundle folder's ``unet.onnx`` (where its weights are)."""
     path = Path(path)
-    return sha256(path / "unet.onnx" if path.is_dir() else path)
+    return sha256(path / UNET_ONNX if path.is_dir() else path)
 
 
 def student_config(base: TrainingConfig, teacher: Checkpoint, data: str | os.PathLike, steps: int,
