@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_errors import OneLineErrors
+from .cli_errors import OneLineErrors, raise_if_interrupted
 from .config import SamplerConfig
 # Sampler and preset names for --help without importing torch (the registries: engine.sampling.SAMPLERS,
 # engine.plan.PRESETS; tests/test_plan.py checks these lists against them).
@@ -175,8 +175,13 @@ def run(
         t_open = time.perf_counter()
         head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
+        raise_if_interrupted()
         cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing, frame_noise)
-        with _progress() as on_frame:
+        with _progress() as show:
+            def on_frame(done: int, total: int) -> None:
+                raise_if_interrupted()
+                show(done, total)
+
             stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
                                 max_seconds=max_seconds, allow_silence=allow_silence, on_frame=on_frame)
     except USER_ERRORS as e:

@@ -6,7 +6,8 @@
   ``<prog>: error: <message>`` and exit 2, instead of Typer's multi-line usage box;
 * turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`, which unwinds like any exception (so the
   atomic writers drop their ``.part`` files), then print ``<prog>: error: interrupted by SIGTERM`` and
-  exit ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP).
+  exit ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). A command calls
+  :func:`raise_if_interrupted` between stages, in case the exception was swallowed on the way.
 """
 
 from __future__ import annotations
@@ -33,10 +34,21 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # the stop signal this process took, if any
+
+
 def _on_signal(signum, _frame) -> None:
     for s in SIGNALS:  # one is enough: a second one must not interrupt the clean-up the first started
         signal.signal(s, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again where a stop signal arrived but its exception was swallowed on the way
+    (a library's bare ``except:`` while it was being imported, say), so the command still stops."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def one_line(text: str) -> str:
@@ -50,6 +62,7 @@ class OneLineErrors(TyperCommand):
         prog = prog_name or self.name or "dh"
         saved = None
         if threading.current_thread() is threading.main_thread():
+            _received.clear()
             saved = {s: signal.signal(s, _on_signal) for s in SIGNALS}
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

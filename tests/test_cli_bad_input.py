@@ -241,6 +241,31 @@ def test_sigint_during_start_up_is_one_line_exit_130(inputs, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stop_signal_swallowed_on_the_way_still_stops_the_run(inputs, tmp_path, monkeypatch):
+    """A library's bare ``except:`` (torch's import chain, say) that eats the signal's exception must not let
+    the run go on to write its video and exit 0: the command checks again before and during the frames."""
+    from dheads.engine.cli import app
+    from dheads.engine.pipeline import TalkingHead
+
+    real_open = TalkingHead.open.__func__
+
+    def open_and_swallow(cls, *args, **kwargs):
+        head = real_open(cls, *args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here, in the main thread, and its exception is eaten below
+        except BaseException:
+            pass
+        return head
+
+    monkeypatch.setattr(TalkingHead, "open", classmethod(open_and_swallow))
+    r = runner.invoke(app, [str(inputs / "face.png"), str(inputs / "speech.wav"), "--engine", str(inputs / "small.pt"),
+                            "-o", str(tmp_path / "out.mp4"), "--steps", "2"], prog_name="dh-run")
+    assert r.exit_code == 128 + signal.SIGTERM, (r.stderr, r.exception)
+    assert _one_line(r) == "dh-run: error: interrupted by SIGTERM"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_truncated_png_prints_no_native_libpng_line(inputs):
     """libpng writes "libpng error: ..." to file descriptor 2 itself; CliRunner cannot see that, a process can."""
     code = ("import sys\nfrom dheads.engine.image import ImageError, read_rgb\n"
