@@ -205,7 +205,7 @@ def test_cli_distill_two_ddpm_rounds_and_a_foreign_folder(teacher, data, tmp_pat
     assert first.diffusion.sampling_steps == 3 and last.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm")
     assert last.meta["distill"]["teacher_grid"] == [0, 500, 999] and last.meta["distill"]["sampler"] == "ddpm"
     assert last.meta["distill"]["teacher"] == str(teacher) and last.meta["distill"]["rollout"] == 1.0
-    with pytest.raises(ValueError, match="another teacher, step count, grid or teacher path"):
+    with pytest.raises(ValueError, match="another teacher, step count, grid, teacher path or method"):
         D.distill(teacher, data, out, D.DistillConfig(steps=3, rounds=2), _base(steps=1), progress=False)
 
 
@@ -249,7 +249,7 @@ def test_cli_distill_trailing_student_records_its_grid(teacher, data, tmp_path):
     assert meta["grid"] == [499, 999] and meta["engine_grid"] and meta["spacing"] == "trailing"
     assert meta["teacher_grid"] == respaced_timesteps(1000, 100)  # the TorchScript teacher samples DDPM 100
     assert make_plan(student.diffusion).schedule.timesteps.tolist() == [499, 999]  # what dh-run then samples
-    with pytest.raises(ValueError, match="another teacher, step count, grid or teacher path"):
+    with pytest.raises(ValueError, match="another teacher, step count, grid, teacher path or method"):
         D.distill(teacher, data, out, D.DistillConfig(steps=2, rounds=1, sampler="ddpm"), _base(steps=1),
                   progress=False)
 
@@ -262,3 +262,66 @@ def test_a_bundle_teacher_is_identified_by_its_onnx_weights(tmp_path):
     single = tmp_path / "t.pt"
     single.write_bytes(b"weights")
     assert D.teacher_digest(bundle) == D.teacher_digest(single) == D.sha256(single)
+
+
+# --------------------------------------------------------------------------- method dmd
+
+def test_dmd_target_moves_against_fake_minus_real_scaled_by_the_distance():
+    x0 = torch.tensor([[[[0.5, -0.5]]], [[[0.0, 0.2]]]])
+    real = torch.tensor([[[[0.25, -0.25]]], [[[0.0, 0.2]]]])
+    fake = torch.tensor([[[[0.75, -0.75]]], [[[0.1, 0.1]]]])
+    target = D.dmd_target(x0, real, fake)
+    # sample 0: mean |x0 - real| = 0.25, fake - real = (0.5, -0.5) -> step (2, -2)
+    assert torch.allclose(target[0], torch.tensor([[[-1.5, 1.5]]]))
+    # sample 1 sits on the teacher's answer: the normaliser's floor (1e-5) keeps it finite
+    assert torch.allclose(target[1], x0[1] - torch.tensor([[[0.1, -0.1]]]) / 1e-5)
+    # where the fake score agrees with the teacher, the loss has no gradient
+    x = x0.clone().requires_grad_(True)
+    (0.5 * ((x - D.dmd_target(x.detach(), real, real)) ** 2).mean()).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"^--method dmd takes one round \(its real score is the teacher\), "
+                                         r"got --rounds 2$"):
+        D.DistillConfig(method="dmd", rounds=2)
+    with pytest.raises(ValueError, match=r"^--method must be progressive or dmd, got 'gan'$"):
+        D.DistillConfig(method="gan")
+
+
+def test_cli_distill_dmd_trains_a_fake_score_and_resumes_bit_for_bit(teacher, data, tmp_path):
+    def run(out: Path, steps: int) -> None:
+        with pytest.raises(SystemExit) as e:
+            dh_train(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--steps", "2",
+                      "--rounds", "1", "--sampler", "ddpm", "--spacing", "trailing", "--method", "dmd",
+                      "--dmd-weight", "0.5", "--fake-lr", "1e-3", "--threads", "1", "--no-progress",
+                      "--set", f"train.steps={steps}", "--set", "train.batch_size=2", "--set", "train.log_every=1"])
+        assert e.value.code == 0
+
+    run(tmp_path / "whole", 2)
+    student = load_checkpoint(tmp_path / "whole" / "student.pt")
+    meta = student.meta["distill"]
+    assert (meta["method"], meta["dmd_weight"], meta["regression_weight"], meta["fake_lr"]) == ("dmd", 0.5, 1.0, 1e-3)
+    assert student.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm", spacing="trailing")
+    import csv
+
+    with open(tmp_path / "whole" / "round_1" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert all(math.isfinite(float(r["dmd"])) and float(r["fake_loss"]) > 0 for r in rows)
+    assert float(rows[0]["dmd"]) == 0 < float(rows[1]["dmd"])  # the fake score starts as the teacher, then moves
+    # the fake score moved off the teacher, and is saved with the run
+    saved = torch.load(tmp_path / "whole" / "round_1" / "last.pt", weights_only=True)["extra"]["dmd_fake"]
+    t = load_checkpoint(teacher)
+    assert any(not torch.equal(v, t.state_dict[k]) for k, v in saved["state_dict"].items())
+    # paused after step 1 and resumed: the student, its EMA and the fake score as in the uninterrupted run
+    run(tmp_path / "half", 1)
+    (tmp_path / "half" / "student.pt").unlink()
+    run(tmp_path / "half", 2)
+    resumed = load_checkpoint(tmp_path / "half" / "student.pt")
+    assert all(torch.equal(resumed.state_dict[k], v) for k, v in student.state_dict.items())
+    assert all(torch.equal(resumed.ema_state_dict[k], v) for k, v in student.ema_state_dict.items())
+    again = torch.load(tmp_path / "half" / "round_1" / "last.pt", weights_only=True)["extra"]["dmd_fake"]
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in saved["state_dict"].items())
+    # a progressive run cannot continue a dmd folder
+    with pytest.raises(ValueError, match="another teacher, step count, grid, teacher path or method"):
+        D.distill(teacher, data, tmp_path / "whole", D.DistillConfig(steps=2, rounds=1, sampler="ddpm",
+                                                                     spacing="trailing"),
+                  _base(steps=1), progress=False)

@@ -165,6 +165,15 @@ def distill(
                                                    "--teacher-substeps times) or own (the grid the teacher "
                                                    "samples on by default, e.g. a 13-step student's)")
                             ] = "refined",
+    method: Annotated[str, typer.Option(help="progressive (regress on the teacher's steps) or dmd (one round: "
+                                             "that regression plus distribution matching against the "
+                                             "teacher, with a fake-score model trained alongside)")
+                      ] = "progressive",
+    dmd_weight: Annotated[float, typer.Option(help="--method dmd: the distribution-matching term's weight")] = 1.0,
+    regression_weight: Annotated[float, typer.Option(help="--method dmd: the regression term's weight "
+                                                          "(0: distribution matching alone)")] = 1.0,
+    fake_lr: Annotated[float, typer.Option(help="--method dmd: the fake-score model's learning rate "
+                                                "(0: optim.lr)")] = 0.0,
     config: Annotated[str, typer.Option(help="preset or .toml for the data/loss/optim/train sections "
                                              "(train.steps is per round); model and diffusion come from "
                                              "the teacher")] = "distill",
@@ -189,7 +198,9 @@ def distill(
 
     try:
         dcfg = DistillConfig(steps=steps, rounds=rounds, rollout=rollout, sampler=sampler,
-                             teacher_substeps=teacher_substeps, spacing=spacing, teacher_grid=teacher_grid)
+                             teacher_substeps=teacher_substeps, spacing=spacing, teacher_grid=teacher_grid,
+                             method=method, dmd_weight=dmd_weight, regression_weight=regression_weight,
+                             fake_lr=fake_lr)
         result = run_distill(teacher, data, out, dcfg, load_config(config, list(set_ or [])), resume=resume,
                              device=device, progress=progress)
     except (ValueError, FileNotFoundError, CheckpointError) as e:

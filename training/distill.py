@@ -40,6 +40,18 @@ motion-corrupted exactly as ``dh-train fit`` draws them):
   ``max(1, 1/SNR_k)`` (Salimans & Ho's truncated-SNR weight on the x error), plus the same inside the
   lip box times ``loss.lambda_lip``. The variance output is not trained (it is the teacher's).
 
+``method = "dmd"`` (one round) adds distribution matching (Yin et al. 2024, DMD; DMD2's two-model form):
+the regression above keeps the student on the teacher's path, but a regression on a stochastic teacher
+learns the MEAN of its outcomes, and a mean over the teacher's mouth shapes is a mouth that moves less.
+So a second model, the fake score (a copy of the teacher), is trained alongside with the plain
+diffusion loss on the frames the student makes (its x0 at each trained step); the student's x0 is
+noised to a random t in [0.02 T, 0.98 T] and pushed along ``teacher x0 - fake x0`` there
+(``dmd_target``): toward where the teacher's distribution, given the same identity, motion frames and
+audio, has more mass than the student's. ``dmd_weight`` and ``regression_weight`` weigh the two terms;
+``fake_lr`` is the fake score's rate (it must keep up with the student). The fake score and its optimizer
+are saved with each checkpoint (``extra["dmd_fake"]``), so a run resumes bit for bit. Cost: about 1.4x
+a progressive step (a teacher and a fake call on the noised frame, and the fake score's own step).
+
 The top step (t = T-1) is never a trained segment: there SNR is ~2e-9, so an eps model's x0 is
 ``sqrt(1/abar - 1) = 2e4`` times its eps error, clamped; no eps model can carry an image across that step
 (the engine's grid starts there whatever the step count), which is why the ``rollout`` samples exist:
@@ -48,6 +60,8 @@ the student learns to start its first real step from what its top step actually 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -58,6 +72,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dheads.engine.bundle import UNET_ONNX
 from dheads.engine.checkpoint import Checkpoint, load_checkpoint
@@ -90,6 +105,9 @@ class DistillConfig:
     teacher_substeps: int = 2  # the first round's teacher steps per student step (2, 4, 8: 2 = Salimans & Ho)
     spacing: str = "uniform"  # the final student's timesteps (engine SPACINGS), recorded as its default
     teacher_grid: str = "refined"  # round 1's teacher path: the student grid refined, or the teacher's "own"
+    dmd_weight: float = 1.0  # method dmd: the distribution-matching term's weight
+    regression_weight: float = 1.0  # method dmd: the progressive regression term's weight (0: DMD alone)
+    fake_lr: float = 0.0  # method dmd: the fake-score model's learning rate (0: optim.lr)
 
     def __post_init__(self) -> None:
         if self.steps < 2:
@@ -101,8 +119,12 @@ class DistillConfig:
             raise ValueError(f"rollout must be in [0, 1], got {self.rollout}")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be ddim or ddpm, got {self.sampler!r}")
-        if self.method != "progressive":
-            raise ValueError(f"method must be progressive, got {self.method!r}")
+        if self.method not in ("progressive", "dmd"):
+            raise ValueError(f"--method must be progressive or dmd, got {self.method!r}")
+        if self.method == "dmd" and self.rounds != 1:
+            raise ValueError(f"--method dmd takes one round (its real score is the teacher), got --rounds {self.rounds}")
+        if self.dmd_weight < 0 or self.regression_weight < 0 or self.fake_lr < 0:
+            raise ValueError("--dmd-weight, --regression-weight and --fake-lr must be >= 0")
         if self.teacher_substeps not in (2, 4, 8):
             raise ValueError(f"--teacher-substeps must be 2, 4 or 8, got {self.teacher_substeps}")
         if self.spacing not in SCHEDULE_SPACINGS:
@@ -207,6 +229,15 @@ def ddpm_x0(x_t: torch.Tensor, x_s: torch.Tensor, abar_t: torch.Tensor, abar_s: 
     return (x_s - ct * x_t) / c0
 
 
+def dmd_target(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """Where distribution matching moves a generated frame ``x0``: against ``fake_x0 - real_x0`` (the fake
+    score's denoised frame minus the teacher's, at the same noisy input), divided per sample by the mean
+    ``|x0 - real_x0|`` (DMD's normaliser: the step is about as large as the sample is far from the teacher's
+    answer). ``0.5 * mean((x0 - target)^2)`` then has that direction as its gradient."""
+    norm = (x0 - real_x0).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp(min=1e-5)
+    return x0 - (fake_x0 - real_x0) / norm
+
+
 def run_teacher(model, x: torch.Tensor, paths: list[list[int]], ends: list[int], abar, cond: dict,
                 sampler: str = "ddim", generator: torch.Generator | None = None, final_noise: bool = True
                 ) -> torch.Tensor:
@@ -246,6 +277,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, cfg: TrainingConfig, data, out, *, teacher: Checkpoint, grids: tuple[list[int], list[int]],
                  dcfg: DistillConfig, info: dict[str, Any], resume=None, device=None, progress=True):
+        self._saved_fake: dict[str, Any] | None = None  # a resumed run's fake-score state (method dmd)
         super().__init__(cfg, data, out, resume=resume, device=device, progress=progress,
                          init_weights=teacher.weights(ema=True))
         self.teacher = teacher.build(ema=True, device=self.dist.device)
@@ -255,6 +287,42 @@ class DistillTrainer(Trainer):
         self.dcfg, self.info = dcfg, info
         abar = torch.tensor(schedule_for(cfg.diffusion).alphas_cumprod, dtype=torch.float64)
         self._abar = torch.cat([abar, abar.new_ones(1)]).float().to(self.dist.device)  # index T = clean
+        self.fake = self._fake_score() if dcfg.method == "dmd" else None
+        if self.fake is not None:
+            self.metrics = (*self.metrics, "dmd", "fake_loss")
+        self._fake_inputs: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # this step's (x0_hat, cond)
+        self._dmd_terms: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ method dmd: the fake score
+
+    def _fake_score(self) -> torch.nn.Module:
+        """The fake-score model of method dmd: the teacher's copy, trained on the student's x0 (its optimizer
+        ``self.fake_opt``; a resumed run's state restored)."""
+        fake = copy.deepcopy(self.teacher).train()  # its own tensors (build() assigns the checkpoint's)
+        for p in fake.parameters():
+            p.requires_grad_(True)
+        o = self.cfg.optim
+        opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+        self.fake_opt = opt_cls(fake.parameters(), lr=self.dcfg.fake_lr or o.lr, betas=tuple(o.betas), eps=o.eps,
+                                weight_decay=o.weight_decay)
+        if self.step > 0 and self._saved_fake is None:
+            raise ValueError(f"{self.out}: its checkpoint holds no fake-score state (not a --method dmd run); "
+                             f"use a new --out")
+        if self._saved_fake is not None:
+            fake.load_state_dict(self._saved_fake["state_dict"])
+            self.fake_opt.load_state_dict(self._saved_fake["optimizer"])
+        self.fake_ddp = (DDP(fake, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
+                         if self.dist.distributed else None)
+        return fake
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self.fake is None:
+            return {}
+        return {"dmd_fake": {"state_dict": {k: v.detach().cpu().clone() for k, v in self.fake.state_dict().items()},
+                             "optimizer": self.fake_opt.state_dict()}}
+
+    def _load_extra(self, path: Path, extra: dict[str, Any]) -> None:
+        self._saved_fake = extra.get("dmd_fake")  # applied once the fake model exists (_fake_score)
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
         """abar at original timesteps [b] (CLEAN -> 1) shaped [b, 1, 1, 1]."""
@@ -318,9 +386,73 @@ class DistillTrainer(Trainer):
             mse = (weight * mean_flat((eps - eps_t) ** 2)).mean()
             lip = masked_mse(eps, eps_t, box_mask(b["lip_box"], x0.shape[2], x0.shape[3]), weight)
             loss = mse + cfg.loss.lambda_lip * lip
+            if self.fake is not None:
+                x0_hat = x0_from_eps(x_in, eps, a_in)  # the frame the engine's step takes from this call
+                dmd = self.dmd_loss(x0_hat, b, self._rng(micro, 5))
+                loss = self.dcfg.regression_weight * loss + self.dcfg.dmd_weight * dmd
+                self._fake_inputs.append((x0_hat.detach(), b))
+                self._dmd_terms.append(dmd.detach())
             self.scaler.scale(loss / cfg.train.grad_accum).backward()
         zero = loss.new_zeros(())
         return torch.stack([v.detach().float() for v in (loss, mse, zero, lip, zero)])
+
+    # ------------------------------------------------------------------ method dmd: the two terms
+
+    def _score_x0(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = net(x_t, t, cond["identity"], motion_frames=cond["motion"], audio_emb=cond["audio"])
+        return x0_from_eps(x_t, out[:, :3].float(), self.abar(t))
+
+    def dmd_loss(self, x0_hat: torch.Tensor, cond: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+        """Distribution matching (Yin et al. 2024, DMD/DMD2): ``x0_hat`` noised to a random t in [0.02 T, 0.98 T];
+        the gradient on it is the fake score's x0 minus the teacher's (normalised per sample by the mean
+        |x0_hat - teacher x0|), which moves the student's frames toward the teacher's distribution given the
+        same identity, motion frames and audio, rather than toward its mean."""
+        n, T = x0_hat.shape[0], self._abar.numel() - 1
+        t = torch.randint(int(0.02 * T), int(0.98 * T), (n,), generator=g).to(x0_hat.device)
+        z = torch.randn(x0_hat.shape, generator=g).to(x0_hat.device)
+        with torch.no_grad():
+            a = self.abar(t)
+            x_t = a.sqrt() * x0_hat.detach() + (1 - a).sqrt() * z
+            real = self._score_x0(self.teacher, x_t, t, cond)
+            self.fake.eval()
+            fake = self._score_x0(self.fake, x_t, t, cond)
+            self.fake.train()
+            target = dmd_target(x0_hat.detach(), real, fake)
+        return 0.5 * mean_flat((x0_hat - target) ** 2).mean()
+
+    def _fake_step(self) -> float:
+        """One optimizer step of the fake score: the diffusion (eps) loss on this step's student frames."""
+        accum, T = len(self._fake_inputs), self._abar.numel() - 1
+        net = self.fake_ddp or self.fake
+        total = 0.0
+        for i, (x0_hat, cond) in enumerate(self._fake_inputs):
+            g = self._rng(i, 6)
+            t = torch.randint(0, T, (x0_hat.shape[0],), generator=g).to(x0_hat.device)
+            z = torch.randn(x0_hat.shape, generator=g).to(x0_hat.device)
+            a = self.abar(t)
+            x_t = a.sqrt() * x0_hat + (1 - a).sqrt() * z
+            sync = (contextlib.nullcontext() if self.fake_ddp is None or i == accum - 1 else self.fake_ddp.no_sync())
+            with sync:
+                with self._autocast():
+                    out = net(x_t, t, cond["identity"], motion_frames=cond["motion"], audio_emb=cond["audio"])
+                loss = mean_flat((out[:, :3].float() - z) ** 2).mean()
+                (loss / accum).backward()
+            total += float(loss.detach()) / accum
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.cfg.optim.grad_clip)
+        self.fake_opt.step()
+        self.fake_opt.zero_grad(set_to_none=True)
+        self._fake_inputs.clear()
+        return total
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The student's step; with method dmd, then the fake score's on the frames the student just made."""
+        m = super().train_step(batches)
+        if self.fake is not None:
+            m["dmd"] = float(torch.stack(self._dmd_terms).mean())
+            self._dmd_terms.clear()
+            m["fake_loss"] = self._fake_step()
+        return m
 
 
 # --------------------------------------------------------------------------- the command
@@ -395,9 +527,10 @@ def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str |
         if ckpt is not None:
             held = load_checkpoint(ckpt).meta.get("distill", {})
             if (held.get("teacher_sha256") != digest or held.get("round_steps") != len(sg)
+                    or held.get("method", "progressive") != dcfg.method
                     or held.get("round_teacher_steps", len(tg)) != len(tg) or held.get("grid", sg) != sg):
-                raise ValueError(f"{run} holds a distillation of another teacher, step count, grid or teacher path; "
-                                 f"use a new --out")
+                raise ValueError(f"{run} holds a distillation of another teacher, step count, grid, teacher path or "
+                                 f"method; use a new --out")
         log.info("round %d/%d: %d-step %s teacher -> %d-step student (timesteps %s)", r, len(grids), len(tg),
                  dcfg.sampler, len(sg), sg)
         trainer = DistillTrainer(cfg, data, run, teacher=teacher, grids=(tg, sg), dcfg=dcfg, info=info,

@@ -166,7 +166,8 @@ class ScalarLog:
     """Scalars to ``metrics.csv`` and/or TensorBoard (``tb/``); on resume, rows after the resumed step
     are dropped so the file reads as one run."""
 
-    def __init__(self, out: Path, backend: str, start_step: int):
+    def __init__(self, out: Path, backend: str, start_step: int, metrics: tuple[str, ...] = METRICS):
+        self.metrics = metrics
         self.csv_path = out / "metrics.csv" if backend in ("csv", "both") else None
         self.tb = None
         if backend in ("tensorboard", "both"):
@@ -186,15 +187,15 @@ class ScalarLog:
             with open(self.csv_path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
         with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=("step", *METRICS))
+            w = csv.DictWriter(f, fieldnames=("step", *self.metrics))
             w.writeheader()
             w.writerows(rows)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.csv_path is not None:
             with open(self.csv_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=("step", *METRICS)).writerow(
-                    {"step": step, **{k: f"{scalars[k]:.6g}" for k in METRICS if k in scalars}})
+                csv.DictWriter(f, fieldnames=("step", *self.metrics)).writerow(
+                    {"step": step, **{k: f"{scalars[k]:.6g}" for k in self.metrics if k in scalars}})
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
@@ -240,6 +241,8 @@ class FitResult:
 
 class Trainer:
     """Owns the model, optimizer, EMA and data of one run; ``fit()`` runs it."""
+
+    metrics: tuple[str, ...] = METRICS  # the columns of metrics.csv
 
     def __init__(self, cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
                  resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
@@ -333,7 +336,8 @@ class Trainer:
         extra = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "step": self.step, "rng": rng_state(), "training_config": self.cfg.to_dict(),
                  "data_order": {"scheme": "stateless-v1", "seed": self.cfg.train.seed, "next_step": self.step,
-                                "world_size": self.dist.world_size, "clips": list(self.store.ids)}}
+                                "world_size": self.dist.world_size, "clips": list(self.store.ids)},
+                 **self._extra_state()}
         save_checkpoint(path, self.checkpoint(), extra)
         _atomic_link(path, self.out / "last.pt")
         self.check_health()
@@ -343,6 +347,13 @@ class Trainer:
                 old.unlink(missing_ok=True)
         log.info("saved %s", path)
         return path
+
+    def _extra_state(self) -> dict[str, Any]:
+        """More training state for a checkpoint's ``extra`` (a subclass's second model, say)."""
+        return {}
+
+    def _load_extra(self, path: Path, extra: dict[str, Any]) -> None:
+        """Restore what ``_extra_state`` saved (``path``: for error messages)."""
 
     def _load(self, path: Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -366,6 +377,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(obj["ema_state_dict"] or obj["state_dict"])
         self.step = int(extra["step"])
+        self._load_extra(path, extra)
         set_rng_state(extra["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -463,7 +475,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
                                              worker_init_fn=worker_init, pin_memory=self.dist.device.type == "cuda",
                                              persistent_workers=False)
-        scalars = ScalarLog(self.out, t.log_backend, self.step) if main else None
+        scalars = ScalarLog(self.out, t.log_backend, self.step, self.metrics) if main else None
         bar, show = _progress(self.show_progress and main, t.steps, self.step)
         it = iter(loader)
         samples_per_step = t.batch_size * t.grad_accum * self.dist.world_size
