@@ -49,8 +49,9 @@ noised to a random t in [0.02 T, 0.98 T] and pushed along ``teacher x0 - fake x0
 (``dmd_target``): toward where the teacher's distribution, given the same identity, motion frames and
 audio, has more mass than the student's. ``dmd_weight`` and ``regression_weight`` weigh the two terms;
 ``fake_lr`` is the fake score's rate (it must keep up with the student). The fake score and its optimizer
-are saved with each checkpoint (``extra["dmd_fake"]``), so a run resumes bit for bit. Cost: about 1.4x
-a progressive step (a teacher and a fake call on the noised frame, and the fake score's own step).
+are saved with each checkpoint (``extra["dmd_fake"]``), so a run resumes bit for bit. Cost: a teacher and
+a fake call on the noised frame and the fake score's own step (forward and backward) on top of a
+progressive step: about twice one on the demo model with the teacher's own grid.
 
 The top step (t = T-1) is never a trained segment: there SNR is ~2e-9, so an eps model's x0 is
 ``sqrt(1/abar - 1) = 2e4`` times its eps error, clamped; no eps model can carry an image across that step
