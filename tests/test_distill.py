@@ -247,6 +247,7 @@ def test_cli_distill_trailing_student_records_its_grid(teacher, data, tmp_path):
     assert student.diffusion == DiffusionConfig(sampling_steps=2, sampler="ddpm", spacing="trailing")
     meta = student.meta["distill"]
     assert meta["grid"] == [499, 999] and meta["engine_grid"] and meta["spacing"] == "trailing"
+    assert meta["teacher_grid_rule"] == "own"  # the option; "teacher_grid" holds the grid it chose
     assert meta["teacher_grid"] == respaced_timesteps(1000, 100)  # the TorchScript teacher samples DDPM 100
     assert make_plan(student.diffusion).schedule.timesteps.tolist() == [499, 999]  # what dh-run then samples
     with pytest.raises(ValueError, match="another teacher, step count, grid, teacher path or method"):
@@ -325,3 +326,28 @@ def test_cli_distill_dmd_trains_a_fake_score_and_resumes_bit_for_bit(teacher, da
         D.distill(teacher, data, tmp_path / "whole", D.DistillConfig(steps=2, rounds=1, sampler="ddpm",
                                                                      spacing="trailing"),
                   _base(steps=1), progress=False)
+
+
+def test_dmd_under_torchrun_two_processes_on_cpu(teacher, data, tmp_path):
+    """torchrun --nproc_per_node 2 with gloo: the student and the fake score both train under DDP."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed beside this python")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
+           "-m", "dheads.training.cli", "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+           "--steps", "2", "--rounds", "1", "--sampler", "ddpm", "--method", "dmd", "--fake-lr", "1e-3",
+           "--no-progress", "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    student = load_checkpoint(out / "student.pt")
+    assert student.meta["step"] == 2 and student.meta["distill"]["method"] == "dmd"
+    rows = (out / "round_1" / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",dmd,fake_loss") and len(rows) == 3
+    saved = torch.load(out / "round_1" / "last.pt", weights_only=True)["extra"]["dmd_fake"]
+    t = load_checkpoint(teacher)
+    assert any(not torch.equal(v, t.state_dict[k]) for k, v in saved["state_dict"].items())

@@ -520,7 +520,7 @@ def distill(teacher_path: str | os.PathLike, data: str | os.PathLike, out: str |
         cfg = student_config(base, teacher0, data, len(sg), dcfg.sampler, dcfg.spacing)
         info = {"teacher": str(teacher_path), "teacher_sha256": digest, "teacher_source": teacher0.source,
                 **dcfg.to_dict(), "round": r, "round_teacher_steps": len(tg), "round_steps": len(sg),
-                "grid": sg, "teacher_grid": tg,
+                "grid": sg, "teacher_grid": tg, "teacher_grid_rule": dcfg.teacher_grid,
                 "engine_grid": sg == SPACING_FNS[dcfg.spacing](schedule, len(sg))}
         run = out / f"round_{r}"
         last = run / "last.pt"
