@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dheads.engine.bundle import sha256_file
 from dheads.engine.checkpoint import load_checkpoint
 from dheads.engine.config import AudioConfig, DiffusionConfig, ModelConfig, SamplerConfig
 from dheads.engine.model import DiffusedHeadsUNet
@@ -168,7 +169,7 @@ def test_distill_torchscript_teacher_end_to_end_and_resume(teacher, data, tmp_pa
     assert ckpt.model == RELEASED_TINY  # the TorchScript teacher's layout at the data's size
     assert ckpt.audio.encoder == "sda" and ckpt.audio.dim == DIM
     meta = ckpt.meta["distill"]
-    assert meta["teacher_sha256"] == D.sha256(teacher) and meta["method"] == "progressive"
+    assert meta["teacher_sha256"] == sha256_file(teacher) and meta["method"] == "progressive"
     assert meta["grid"] == [0, 500, 999] and meta["teacher_grid"] == [0, 250, 500, 750, 999]
     assert (meta["round"], meta["rounds"], meta["round_steps"], meta["round_teacher_steps"]) == (1, 1, 3, 5)
     assert (tmp_path / "whole" / "round_1" / "health.jsonl").is_file()
@@ -262,7 +263,7 @@ def test_a_bundle_teacher_is_identified_by_its_onnx_weights(tmp_path):
     (bundle / "manifest.json").write_text("{}")
     single = tmp_path / "t.pt"
     single.write_bytes(b"weights")
-    assert D.teacher_digest(bundle) == D.teacher_digest(single) == D.sha256(single)
+    assert D.teacher_digest(bundle) == D.teacher_digest(single) == sha256_file(single)
 
 
 # --------------------------------------------------------------------------- method dmd

@@ -61,10 +61,8 @@ the student learns to start its first real step from what its top step actually 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -73,9 +71,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dheads.engine.bundle import UNET_ONNX
+from dheads.engine.bundle import UNET_ONNX, sha256_file
 from dheads.engine.checkpoint import Checkpoint, load_checkpoint
 from dheads.engine.config import SPACINGS as SCHEDULE_SPACINGS
 from dheads.engine.config import DiffusionConfig
@@ -85,9 +82,9 @@ from dheads.engine.schedule import respaced_timesteps, schedule_for
 
 from .config import TrainingConfig
 from .dataset import ClipStore
-from .diffusion import mean_flat
+from .diffusion import mean_flat, q_sample
 from .losses import box_mask, masked_mse
-from .train import FitResult, Trainer, _atomic_link
+from .train import FitResult, Trainer, _atomic_link, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -302,18 +299,14 @@ class DistillTrainer(Trainer):
         fake = copy.deepcopy(self.teacher).train()  # its own tensors (build() assigns the checkpoint's)
         for p in fake.parameters():
             p.requires_grad_(True)
-        o = self.cfg.optim
-        opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-        self.fake_opt = opt_cls(fake.parameters(), lr=self.dcfg.fake_lr or o.lr, betas=tuple(o.betas), eps=o.eps,
-                                weight_decay=o.weight_decay)
+        self.fake_opt = make_optimizer(fake.parameters(), self.cfg.optim, self.dcfg.fake_lr or None)
         if self.step > 0 and self._saved_fake is None:
             raise ValueError(f"{self.out}: its checkpoint holds no fake-score state (not a --method dmd run); "
                              f"use a new --out")
         if self._saved_fake is not None:
             fake.load_state_dict(self._saved_fake["state_dict"])
             self.fake_opt.load_state_dict(self._saved_fake["optimizer"])
-        self.fake_ddp = (DDP(fake, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
-                         if self.dist.distributed else None)
+        self.fake_ddp = self._wrap_ddp(fake)
         return fake
 
     def _extra_state(self) -> dict[str, Any]:
@@ -322,7 +315,7 @@ class DistillTrainer(Trainer):
         return {"dmd_fake": {"state_dict": {k: v.detach().cpu().clone() for k, v in self.fake.state_dict().items()},
                              "optimizer": self.fake_opt.state_dict()}}
 
-    def _load_extra(self, path: Path, extra: dict[str, Any]) -> None:
+    def _load_extra(self, extra: dict[str, Any]) -> None:
         self._saved_fake = extra.get("dmd_fake")  # applied once the fake model exists (_fake_score)
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
@@ -408,12 +401,11 @@ class DistillTrainer(Trainer):
         the gradient on it is the fake score's x0 minus the teacher's (normalised per sample by the mean
         |x0_hat - teacher x0|), which moves the student's frames toward the teacher's distribution given the
         same identity, motion frames and audio, rather than toward its mean."""
-        n, T = x0_hat.shape[0], self._abar.numel() - 1
+        n, T = x0_hat.shape[0], self.tables.num_timesteps
         t = torch.randint(int(0.02 * T), int(0.98 * T), (n,), generator=g).to(x0_hat.device)
         z = torch.randn(x0_hat.shape, generator=g).to(x0_hat.device)
         with torch.no_grad():
-            a = self.abar(t)
-            x_t = a.sqrt() * x0_hat.detach() + (1 - a).sqrt() * z
+            x_t = q_sample(x0_hat.detach(), t, z, self.tables)
             real = self._score_x0(self.teacher, x_t, t, cond)
             self.fake.eval()
             fake = self._score_x0(self.fake, x_t, t, cond)
@@ -423,17 +415,15 @@ class DistillTrainer(Trainer):
 
     def _fake_step(self) -> float:
         """One optimizer step of the fake score: the diffusion (eps) loss on this step's student frames."""
-        accum, T = len(self._fake_inputs), self._abar.numel() - 1
+        accum, T = len(self._fake_inputs), self.tables.num_timesteps
         net = self.fake_ddp or self.fake
         total = 0.0
         for i, (x0_hat, cond) in enumerate(self._fake_inputs):
             g = self._rng(i, 6)
             t = torch.randint(0, T, (x0_hat.shape[0],), generator=g).to(x0_hat.device)
             z = torch.randn(x0_hat.shape, generator=g).to(x0_hat.device)
-            a = self.abar(t)
-            x_t = a.sqrt() * x0_hat + (1 - a).sqrt() * z
-            sync = (contextlib.nullcontext() if self.fake_ddp is None or i == accum - 1 else self.fake_ddp.no_sync())
-            with sync:
+            x_t = q_sample(x0_hat, t, z, self.tables)
+            with self._grad_sync(i, self.fake_ddp):
                 with self._autocast():
                     out = net(x_t, t, cond["identity"], motion_frames=cond["motion"], audio_emb=cond["audio"])
                 loss = mean_flat((out[:, :3].float() - z) ** 2).mean()
@@ -466,18 +456,10 @@ class DistillResult:
     rounds: list[FitResult]
 
 
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def teacher_digest(path: str | os.PathLike) -> str:
     """sha256 of a teacher checkpoint file, or of a bundle folder's ``unet.onnx`` (where its weights are)."""
     path = Path(path)
-    return sha256(path / UNET_ONNX if path.is_dir() else path)
+    return sha256_file(path / UNET_ONNX if path.is_dir() else path)
 
 
 def student_config(base: TrainingConfig, teacher: Checkpoint, data: str | os.PathLike, steps: int,

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from dheads.engine.atomic import atomic_write
+from dheads.engine.bundle import sha256_file
 from dheads.engine.checkpoint import load_checkpoint
 from dheads.engine.image import to_tensor, to_uint8_frames
 from dheads.engine.plan import default_sampler
 from dheads.engine.reference import generate_reference
 
 from .dataset import ClipStore, rollout_path
-from .distill import sha256
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
     net = ckpt.build(device=device)
     fps = store.audio.fps
     embeddings = [np.asarray(store.clip(k).audio_emb) for k in range(len(store))]
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "seed": seed, "seconds": seconds,
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "seed": seed, "seconds": seconds,
             "sampler": sampler.name, "steps": sampler.steps, "frame_noise": sampler.frame_noise}
     written = []
     for k, clip_id in enumerate(store.ids):

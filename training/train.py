@@ -120,6 +120,13 @@ class EMA:
             v.copy_(sd[k])
 
 
+def make_optimizer(params, o: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``o`` names (AdamW or Adam) over ``params``, at ``lr`` (default ``o.lr``)."""
+    opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(params, lr=o.lr if lr is None else lr, betas=tuple(o.betas), eps=o.eps,
+                   weight_decay=o.weight_decay)
+
+
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant/cosine/linear
     decay to ``min_lr_ratio * lr`` at ``total``. A pure function of the step (nothing to resume)."""
@@ -267,16 +274,13 @@ class Trainer:
         if init_weights is not None:
             self._init_from(init_weights)
         o = cfg.optim
-        opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.model.parameters(), o)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.train.precision == "fp16")
         self.ema = EMA(self.model, o.ema_decay, o.ema_warmup) if self.dist.is_main else None
         self.step = 0
         if resume is not None:
             self._load(Path(resume))
-        self.ddp = (DDP(self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
-                    if self.dist.distributed else None)
+        self.ddp = self._wrap_ddp(self.model)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(dumps_toml(cfg))
@@ -348,12 +352,18 @@ class Trainer:
         log.info("saved %s", path)
         return path
 
+    def _wrap_ddp(self, module: torch.nn.Module) -> DDP | None:
+        """``module`` in DDP when this run is distributed, else None."""
+        if not self.dist.distributed:
+            return None
+        return DDP(module, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
+
     def _extra_state(self) -> dict[str, Any]:
         """More training state for a checkpoint's ``extra`` (a subclass's second model, say)."""
         return {}
 
-    def _load_extra(self, path: Path, extra: dict[str, Any]) -> None:
-        """Restore what ``_extra_state`` saved (``path``: for error messages)."""
+    def _load_extra(self, extra: dict[str, Any]) -> None:
+        """Restore what ``_extra_state`` saved."""
 
     def _load(self, path: Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -377,7 +387,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(obj["ema_state_dict"] or obj["state_dict"])
         self.step = int(extra["step"])
-        self._load_extra(path, extra)
+        self._load_extra(extra)
         set_rng_state(extra["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -402,10 +412,11 @@ class Trainer:
         b = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         return augment(b, self.cfg.data, self.cfg.model.motion_frames, self.step, self._rng(micro, 3))
 
-    def _grad_sync(self, micro: int):
-        """DDP all-reduces the gradients on a step's last micro-batch only."""
+    def _grad_sync(self, micro: int, ddp: DDP | None = None):
+        """DDP (``ddp``, default the model's) all-reduces the gradients on a step's last micro-batch only."""
+        ddp = ddp or self.ddp
         last = micro == self.cfg.train.grad_accum - 1
-        return contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+        return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
 
     def _micro(self, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the detached [5] (loss, mse, vlb, lip, dc)."""
