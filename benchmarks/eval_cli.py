@@ -27,11 +27,14 @@ COLUMNS = (
     ("ofm", "OFM px", "{:.3f}"),
     ("fmse", "F-MSE", "{:.2f}"),
     ("blinks_per_s", "blinks/s", "{:.2f}"),
-    ("blink_median_s", "blink s", "{:.2f}"),
-    ("lip_corr", "lip r", "{:.3f}"),
+    ("mouth_spread", "mouth", "{:.3f}"),
+    ("mouth_spread_ratio", "mouth/real", "{:.2f}"),
+    ("lip_corr", "sync r", "{:.3f}"),
     ("lip_lag_frames", "lag", "{:+d}"),
+    ("lip_corr_other_audio", "r other", "{:.3f}"),
+    ("ofm_ratio", "OFM/real", "{:.2f}"),
+    ("fmse_ratio", "FMSE/real", "{:.2f}"),
     ("drift_mean", "drift", "{:.3f}"),
-    ("drift_slope_per_s", "drift/s", "{:+.4f}"),
     ("color_flicker", "flicker", "{:.2f}"),
     ("color_drift_mean", "col.drift", "{:.2f}"),
     ("psnr", "PSNR", "{:.2f}"),
@@ -80,7 +83,8 @@ def run(
     generated: Path = typer.Argument(..., help="A video, or a folder of videos."),
     reference: Optional[Path] = typer.Option(
         None, "--reference", "-r",
-        help="Ground-truth video for PSNR/SSIM (a folder when GENERATED is one; matched by file stem).",
+        help="The real video (a folder when GENERATED is one; matched by file stem): PSNR/SSIM, and OFM, "
+             "F-MSE, blinks, mouth motion and sync as ratios to it (1 = as real; judged two-sided).",
     ),
     identity: Optional[Path] = typer.Option(
         None, "--identity", help="Identity image for drift and colour drift (default: each video's first frame)."
@@ -89,10 +93,11 @@ def run(
     face: bool = typer.Option(True, "--face/--no-face", help="Run MediaPipe for blinks, lip-sync and the face box."),
     size: int = typer.Option(128, help="Resize frames to SIZE x SIZE for pixel metrics (0: keep)."),
     max_frames: Optional[int] = typer.Option(None, help="Evaluate at most this many frames per video."),
-    max_lag: int = typer.Option(3, help="Lip-sync lag search, frames each way."),
+    max_lag: int = typer.Option(5, help="Mouth-vs-speech lag search, frames each way (the AV offsets allowed)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
 ) -> None:
-    """Smoothness (OFM, F-MSE), blinks, lip-sync proxy, identity and colour drift, colour flicker, PSNR/SSIM."""
+    """Smoothness (OFM, F-MSE), blinks, mouth motion and mouth-vs-speech sync (own and other videos' speech),
+    identity and colour drift, colour flicker; with --reference, PSNR/SSIM and ratios to the real video."""
     _setup_logging(verbose)
     config = EvalConfig(size=size or None, face=face, max_frames=max_frames, max_lag=max_lag)
     try:

@@ -262,6 +262,16 @@ def lagged_pearson(mouth: np.ndarray, loud: np.ndarray, lag: int) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def sync_curve(mouth: np.ndarray, loudness: np.ndarray, *, max_lag: int = 3, detrend_frames: int = 9) -> np.ndarray:
+    """Pearson r of the high-passed mouth opening vs loudness at each lag ``-max_lag..max_lag``: ``[2 max_lag + 1]``.
+
+    NaN where degenerate (a mouth that does not move). Averaging curves over clips gives a study's AV offset.
+    """
+    m = detrend(interpolate_nans(mouth), detrend_frames)
+    e = detrend(np.asarray(loudness, dtype=np.float64), detrend_frames)
+    return np.array([lagged_pearson(m, e, lag) for lag in range(-max_lag, max_lag + 1)])
+
+
 def lip_sync_proxy(
     mouth: np.ndarray, loudness: np.ndarray, *, max_lag: int = 3, detrend_frames: int = 9
 ) -> LipSync:
@@ -271,14 +281,83 @@ def lip_sync_proxy(
     high-passed by :func:`detrend` first. The default +-3 frames (+-120 ms at 25 fps) covers real
     audio-visual offsets; a wider window raises the chance level (the max of more noisy correlations).
     """
-    m = detrend(interpolate_nans(mouth), detrend_frames)
-    e = detrend(np.asarray(loudness, dtype=np.float64), detrend_frames)
-    scored = [(lagged_pearson(m, e, lag), lag) for lag in range(-max_lag, max_lag + 1)]
-    scored = [(r, lag) for r, lag in scored if not math.isnan(r)]
+    curve = sync_curve(mouth, loudness, max_lag=max_lag, detrend_frames=detrend_frames)
+    scored = [(float(r), lag) for r, lag in zip(curve, range(-max_lag, max_lag + 1)) if not math.isnan(r)]
     if not scored:
         return LipSync(corr=math.nan, lag=0)
     r, lag = max(scored, key=lambda t: (t[0], -abs(t[1])))
     return LipSync(corr=r, lag=lag)
+
+
+SYNC_MAX_LAG = 5  # frames each way (+-200 ms at 25 fps): the AV offsets a mouth-vs-speech correlation may take
+
+
+def speech_sync(mouth: np.ndarray, loudness: np.ndarray, *, max_lag: int = SYNC_MAX_LAG) -> LipSync:
+    """Mouth opening vs speech envelope at the best lag in ``+-max_lag`` frames (the lag is an AV offset).
+
+    :func:`lip_sync_proxy` with the wider lag window that a talking-head judgement uses. A mouth that does
+    not move (a still photo) has no correlation: its ``corr`` is 0, not NaN, so it fails any gate.
+    """
+    sync = lip_sync_proxy(mouth, loudness, max_lag=max_lag)
+    return LipSync(corr=0.0, lag=0) if math.isnan(sync.corr) else sync
+
+
+# ----------------------------------------------------------------------------- mouth motion
+
+
+@dataclass(frozen=True)
+class MouthMotion:
+    """How far a mouth moves: the 5-95% spread of its opening, and its std in each whole second.
+
+    Correlations are blind to amplitude (a mouth that moves 3% as much as the speaker's can correlate as
+    well); these are not. Units: :func:`dheads.engine.face.mouth_opening` (lip gap / eye distance).
+    """
+
+    spread: float
+    std_per_second: tuple[float, ...]
+
+    @property
+    def std_per_second_mean(self) -> float:
+        return float(np.mean(self.std_per_second)) if self.std_per_second else math.nan
+
+    @property
+    def std_per_second_max(self) -> float:
+        return float(np.max(self.std_per_second)) if self.std_per_second else math.nan
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        """The ``mouth_*`` keys of ``dh-eval``'s JSON."""
+        return {"mouth_spread": self.spread, "mouth_std_per_s": self.std_per_second_mean,
+                "mouth_std_per_s_max": self.std_per_second_max, "mouth_std_per_second": list(self.std_per_second)}
+
+
+def mouth_motion(mouth: np.ndarray, fps: float, *, lo: float = 5.0, hi: float = 95.0) -> MouthMotion:
+    """:class:`MouthMotion` of a per-frame mouth opening ``float [N]`` (NaN = no face, interpolated).
+
+    The std per second is taken over whole seconds only (a last partial second of < ``fps`` frames is
+    dropped, unless it is the whole video).
+    """
+    x = interpolate_nans(mouth)
+    if len(x) == 0 or not np.isfinite(x).any():
+        return MouthMotion(spread=math.nan, std_per_second=())
+    per = max(1, int(round(fps)))
+    whole = [x[i:i + per] for i in range(0, len(x) - per + 1, per)] or [x]
+    return MouthMotion(spread=float(np.percentile(x, hi) - np.percentile(x, lo)),
+                       std_per_second=tuple(float(np.std(w)) for w in whole))
+
+
+def ratio_to_real(value: float | None, real: float | None) -> float | None:
+    """``value / real`` for a metric judged as closeness to real video; None where either is missing or real is 0."""
+    if value is None or real is None or not math.isfinite(value) or not math.isfinite(real) or real == 0:
+        return None
+    return float(value / real)
+
+
+def log_distance(ratio: float | None) -> float:
+    """Two-sided distance of a ratio to real video, ``|ln ratio|``: 0 as real, the same for 2x and 0.5x;
+    ``inf`` for a zero ratio (a still video), NaN where there is no ratio."""
+    if ratio is None or not math.isfinite(ratio):
+        return math.nan
+    return math.inf if ratio <= 0 else abs(math.log(ratio))
 
 
 # ----------------------------------------------------------------------------- fidelity (PSNR / SSIM)

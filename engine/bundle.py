@@ -140,6 +140,7 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     tensorrt: TensorRTRecord | None = None
     audio_encoder: AudioEncoderRecord | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # what trained it: {"speakers": [...], "clips": [...]}
     created: str = ""
     format: str = FORMAT
     version: int = VERSION
@@ -171,6 +172,7 @@ class Manifest:
             "verification": self.verification,
             "tensorrt": self.tensorrt.to_dict() if self.tensorrt else None,
             "audio_encoder": self.audio_encoder.to_dict() if self.audio_encoder else None,
+            "training": self.training or None,
         }
 
     @classmethod
@@ -193,6 +195,7 @@ class Manifest:
             verification=d.get("verification") or {},
             tensorrt=TensorRTRecord.from_dict(d["tensorrt"]) if d.get("tensorrt") else None,
             audio_encoder=AudioEncoderRecord.from_dict(d["audio_encoder"]) if d.get("audio_encoder") else None,
+            training=dict(d.get("training") or {}),
             created=d.get("created", ""),
             format=d.get("format", FORMAT),
             version=d.get("version", VERSION),

@@ -135,4 +135,4 @@ def checkpoint_from_bundle(path: str | Path) -> Checkpoint:
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return Checkpoint(model=man.model, state_dict=sd, audio=man.audio, diffusion=man.diffusion, source="bundle",
                       meta={"bundle": str(path), "bundle_source_sha256": man.source_sha256,
-                            "bundle_parity_max_abs": err})
+                            "bundle_parity_max_abs": err, "trained_on": dict(man.training)})

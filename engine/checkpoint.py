@@ -60,6 +60,7 @@ class Checkpoint:
         with torch.device("meta"):
             net = DiffusedHeadsUNet(self.model, self.diffusion)
         net.load_state_dict(self.weights(ema), strict=True, assign=True)
+        net.rebuild_constants()
         return net.to(device=device, dtype=dtype).eval()
 
 

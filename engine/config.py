@@ -57,6 +57,9 @@ class ModelConfig:
     # (x0, y0, x1, y1), fractions of the frame: blanked in every motion frame so the mouth must follow the
     # audio (engine/model/motion_mask.py). Ours only; () = none, as released.
     motion_mask: tuple[float, ...] = ()
+    # Width of the mask's soft edge, a fraction of the frame: the box fades in over this width, centred on its
+    # edges, so no hard seam can be learned from it. 0 = a hard box (models before 2026-12-07).
+    motion_mask_feather: float = 0.0
 
     @property
     def motion_channels(self) -> int:

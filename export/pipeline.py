@@ -110,7 +110,8 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
         manifest = Manifest(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, inputs=tuple(inputs),
                             outputs=tuple(outputs), profile=profile, precision=precision, source_sha256=source_sha,
                             source_name=ckpt_path.name, source_kind=ckpt.source, opset=opset, tools=tool_versions(),
-                            audio_encoder=audio, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            audio_encoder=audio, training=dict(ckpt.meta.get("trained_on") or {}),
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if build_plan:
             manifest, plan_report = _tensorrt_stage(stage, tmp, manifest, model, precision, profile, trt_typing,
                                                     timing_cache, seed)

@@ -137,6 +137,7 @@ def _copy_in(model: DiffusedHeadsUNet, dtype: torch.dtype) -> DiffusedHeadsUNet:
     with torch.device("meta"):
         clone = DiffusedHeadsUNet(model.config, model.diffusion)
     clone.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
+    clone.rebuild_constants()
     return clone.eval()
 
 

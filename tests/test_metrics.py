@@ -378,6 +378,9 @@ EXPECTED_KEYS = {
     "face_fraction", "blinks_per_s", "blink_count", "blink_median_s", "lip_corr", "lip_lag_frames",
     "drift_mean", "drift_slope_per_s", "drift_per_second", "psnr", "ssim",
     "color_flicker", "color_drift_mean", "color_drift_max", "color_drift_slope_per_s", "color_drift_per_second",
+    "mouth_spread", "mouth_std_per_s", "mouth_std_per_s_max", "mouth_std_per_second", "lip_corr_other_audio",
+    *(f"real_{k}" for k in ("ofm", "fmse", "blinks_per_s", "mouth_spread", "mouth_std_per_s", "lip_corr")),
+    *(f"{k}_ratio" for k in ("ofm", "fmse", "blinks_per_s", "mouth_spread", "mouth_std_per_s", "lip_corr")),
 }
 
 
@@ -396,7 +399,38 @@ def test_cli_writes_json(tmp_path, runner):
     assert row["ssim"] == pytest.approx(1.0) and row["psnr"] == 100.0  # its own reference
     assert row["lip_corr"] is None and row["face_fraction"] == 0.0  # no face, no audio
     assert doc["mean"]["ofm"] == pytest.approx(row["ofm"])
+    assert row["ofm_ratio"] == pytest.approx(1.0) and row["fmse_ratio"] == pytest.approx(1.0)  # as real: itself
     assert "pan.mp4" in result.stdout
+
+
+def test_cli_a_still_photo_fails_against_the_real_clip(tmp_path, runner, shared_data):
+    """The real GRID clip's first frame repeated, with its speech, judged against the clip: its mouth moves
+    a few percent as much as the speaker's (MediaPipe jitter), its sync is near 0, its OFM/F-MSE ratios too;
+    the real clip against itself scores 1.0 on every ratio."""
+    from dheads.benchmarks.eval_cli import app
+    from dheads.engine.audio import load_audio
+    from dheads.engine.video import read_frames, write_mp4
+
+    clip = shared_data / "grid" / "lbax4n.mpg"
+    frames = list(read_frames(clip))
+    speech, rate = load_audio(clip)
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    write_mp4(gen / "lbax4n.mp4", [frames[0]] * len(frames), audio=speech, sample_rate=rate)
+    write_mp4(gen / "real.mp4", frames, audio=speech, sample_rate=rate)
+    write_mp4(ref / "lbax4n.mp4", frames, audio=speech, sample_rate=rate)
+    write_mp4(ref / "real.mp4", frames, audio=speech, sample_rate=rate)
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, [str(gen), "--reference", str(ref), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    still, real = json.loads(out.read_text())["videos"]
+    assert still["mouth_spread_ratio"] < 0.15 and still["mouth_std_per_s_ratio"] < 0.15
+    assert still["lip_corr"] < 0.3 < real["lip_corr"]
+    assert still["ofm_ratio"] < 0.2 and still["fmse_ratio"] < 0.05  # frozen: far from real, two-sided
+    for key in ("mouth_spread", "mouth_std_per_s", "ofm", "fmse", "lip_corr"):
+        # two encodings of the same frames differ slightly (x264 threads), and MediaPipe moves with them (<= 5%)
+        assert real[f"{key}_ratio"] == pytest.approx(1.0, abs=0.1), key
+    assert real["lip_corr_other_audio"] is not None  # the other video's speech (the same clip's here)
+    assert "mouth" in result.stdout and "sync r" in result.stdout
 
 
 def test_cli_folder_gives_one_row_per_video(tmp_path, runner):

@@ -84,3 +84,55 @@ def test_onnx_export_carries_the_mask(net, tmp_path):
     path = export_unet_onnx(net, tmp_path / "unet.onnx", profile=BatchProfile(1, 2, 2))
     report = verify_onnx(path, net, BatchProfile(1, 2, 2), seed=0)
     assert report.passed, report
+
+
+# ----------------------------------------------------------------------------- the soft edge
+
+SOFT = dataclasses.replace(MASKED, motion_mask_feather=0.125)  # 4 px at 32 px, centred on the box's edges
+
+
+def test_soft_mask_weights_fade_over_the_feather():
+    from dheads.engine.model.motion_mask import soft_keep
+
+    keep = soft_keep(BOX, 32, 0.125)[0, 0]  # box x 8..24, y 16..28; ramps from 2 px outside to 2 px inside
+    assert keep.shape == (32, 32) and keep.min() == 0.0 and keep.max() == 1.0
+    assert keep[22, 16] == 0.0 and keep[0, 0] == 1.0  # deep inside, far outside
+    row = keep[22, 4:13].tolist()  # across the left edge at x = 8: pixel centres 4.5 .. 12.5
+    assert row == pytest.approx([1.0, 1.0, 0.875, 0.625, 0.375, 0.125, 0.0, 0.0, 0.0])
+    assert all(a >= b for a, b in zip(row, row[1:]))  # monotone: no step to learn
+    with pytest.raises(ValueError, match="must be > 0"):
+        soft_keep(BOX, 32, 0.0)
+
+
+@torch.no_grad()
+def test_soft_mask_is_a_non_persistent_buffer_and_exports():
+    net = random_unet(SOFT, seed=5)
+    assert "motion_keep" not in net.state_dict()  # same state_dict as the hard-mask model: weights carry over
+    assert set(net.state_dict()) == set(random_unet(MASKED, seed=5).state_dict())
+    x = _inputs(1)
+    ref = net(*x.values())
+    deep = _with_motion(x, lambda m: m[..., 20:25, 12:20].normal_(generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(net(*deep.values()), ref)  # weight 0 deep inside the box
+    rim = _with_motion(x, lambda m: m[..., 16:17, 8:24].normal_(generator=torch.Generator().manual_seed(2)))
+    assert (net(*rim.values()) - ref).abs().max() > 1e-4  # the rim is half seen, unlike with the hard box
+    hard = random_unet(MASKED, seed=5)
+    assert torch.equal(hard(*rim.values()), hard(*x.values()))
+
+
+def test_soft_mask_onnx_export(tmp_path):
+    pytest.importorskip("onnx")
+    from dheads.export.to_onnx import export_unet_onnx
+    from dheads.export.verify import verify_onnx
+
+    net = random_unet(SOFT, seed=5)
+    path = export_unet_onnx(net, tmp_path / "unet.onnx", profile=BatchProfile(1, 2, 2))
+    assert verify_onnx(path, net, BatchProfile(1, 2, 2), seed=0).passed
+
+
+def test_soft_mask_survives_a_checkpoint_round_trip(tmp_path):
+    net = random_unet(SOFT, seed=5)
+    got = load_checkpoint(save_checkpoint(tmp_path / "s.pt", Checkpoint(model=SOFT, state_dict=net.state_dict())))
+    assert got.model.motion_mask_feather == 0.125
+    x = _inputs(3)
+    with torch.no_grad():
+        assert torch.equal(got.build()(*x.values()), net(*x.values()))

@@ -131,7 +131,7 @@ def fit(
             cfg = TrainingConfig.from_dict(apply_overrides(saved_config(ckpt), list(set_ or [])))
         else:
             cfg = load_config(config or "tiny", list(set_ or []))
-        if init is not None and not init.is_file():
+        if init is not None and not init.exists():  # a file, or a dh-export bundle folder
             raise FileNotFoundError(f"--init {init}: no such checkpoint")
         result = run_fit(cfg, data, out, resume=ckpt, device=device, progress=progress, until=until, init=init)
     except (ValueError, FileNotFoundError) as e:

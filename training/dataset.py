@@ -159,6 +159,7 @@ class ClipStore:
             raise ValueError(f"{self.root}: no clips of at least 2 frames in split {split!r}")
         self.split = split
         self.ids = [e["id"] for e in entries]
+        self.speakers = sorted({str(e.get("speaker", e["id"])) for e in entries})
         self.lengths = [int(e["n_frames"]) for e in entries]
         paths = [self.path(i) for i in self.ids]
         total = sum(p.stat().st_size for p in paths)
@@ -283,3 +284,15 @@ def preview_inputs(store: ClipStore, model: ModelConfig, n_frames: int, clip: in
     if c.audio is not None:
         audio = c.audio[: n * store.audio.samples_per_frame].astype(np.float32) / 32767.0
     return real[:1], torch.from_numpy(np.asarray(c.audio_emb[:n])).float(), real, audio
+
+
+def training_record(store: ClipStore, prior: dict | None = None) -> dict:
+    """What a model was trained on, for its checkpoint's ``meta["trained_on"]`` and a bundle's manifest:
+    ``{"speakers": [...], "clips": [...]}`` (sorted), the union with ``prior`` (the record of the
+    checkpoint a run started from: a fine-tune or a student has seen its teacher's speakers too).
+
+    A held-out study refuses a clip whose speaker or clip name is listed here.
+    """
+    prior = prior or {}
+    return {"speakers": sorted(set(prior.get("speakers", ())) | set(store.speakers)),
+            "clips": sorted(set(prior.get("clips", ())) | set(store.ids))}

@@ -277,7 +277,7 @@ class DistillTrainer(Trainer):
                  dcfg: DistillConfig, info: dict[str, Any], resume=None, device=None, progress=True):
         self._saved_fake: dict[str, Any] | None = None  # a resumed run's fake-score state (method dmd)
         super().__init__(cfg, data, out, resume=resume, device=device, progress=progress,
-                         init_weights=teacher.weights(ema=True))
+                         init_weights=teacher.weights(ema=True), init_trained_on=teacher.meta.get("trained_on"))
         self.teacher = teacher.build(ema=True, device=self.dist.device)
         for p in self.teacher.parameters():
             p.requires_grad_(False)

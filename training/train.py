@@ -42,7 +42,7 @@ from dheads.engine.threads import worker_init
 from . import health
 from .augment import augment
 from .config import OptimConfig, TrainingConfig, dumps_toml
-from .dataset import ClipStore, FrameDataset, StepBatchSampler, preview_inputs, step_seed
+from .dataset import ClipStore, FrameDataset, StepBatchSampler, preview_inputs, step_seed, training_record
 from .diffusion import make_tables, q_sample, schedule_for
 from .losses import box_mask, diffusion_losses
 
@@ -253,10 +253,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
                  resume: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
-                 init_weights: dict[str, torch.Tensor] | None = None, init_source: tuple[str, dict] | None = None):
+                 init_weights: dict[str, torch.Tensor] | None = None, init_source: tuple[str, dict] | None = None,
+                 init_trained_on: dict | None = None):
         """``init_weights``: start from these weights (e.g. a distillation teacher's) instead of a random
         init; a ``resume`` checkpoint's weights replace them. ``init_source``: ``(name, audio config dict)``
-        of the checkpoint they came from, checked against the data's audio before anything is written."""
+        of the checkpoint they came from, checked against the data's audio before anything is written.
+        ``init_trained_on``: that checkpoint's ``meta["trained_on"]``, merged into this run's record."""
         self.cfg, self.out, self.show_progress = cfg, Path(out), progress
         self.dist = setup_distributed(device)
         if cfg.train.precision == "fp16" and self.dist.device.type != "cuda":
@@ -265,6 +267,7 @@ class Trainer:
         self.store = ClipStore(data, "train", cfg.data.cache)
         self.dataset = FrameDataset(self.store, cfg.model, cfg.loss, rollouts=cfg.data.motion_rollout_prob > 0)
         self.audio: AudioConfig = self.store.audio
+        self.trained_on = training_record(self.store, init_trained_on)
         if init_source is not None:
             self._require_audio(*init_source)
         self.tables = make_tables(schedule_for(cfg.diffusion), self.dist.device)
@@ -331,7 +334,8 @@ class Trainer:
         sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return Checkpoint(model=self.cfg.model, state_dict=sd, audio=self.audio, diffusion=self.cfg.diffusion,
                           ema_state_dict=self.ema.state_dict() if self.ema else None, source="dheads",
-                          meta={"step": self.step, "trainer": "dheads.training", "data": str(self.store.root)})
+                          meta={"step": self.step, "trainer": "dheads.training", "data": str(self.store.root),
+                                "trained_on": self.trained_on})
 
     def save(self) -> Path:
         """Write ``checkpoints/step_N.pt`` atomically and point ``last.pt`` at it (rank 0 only)."""
@@ -576,7 +580,7 @@ def _atomic_link(src: Path, dst: Path) -> None:
 
 
 # Model settings that own no parameters: a fine-tune may change them (``--init``).
-INIT_FREE_KEYS = frozenset({"dropout", "color_anchor", "motion_mask"})
+INIT_FREE_KEYS = frozenset({"dropout", "color_anchor", "motion_mask", "motion_mask_feather"})
 
 
 def init_checkpoint(path: str | os.PathLike, cfg: TrainingConfig) -> Checkpoint:
@@ -611,7 +615,8 @@ def fit(cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
     start = init_checkpoint(init, cfg) if init is not None and resume is None else None
     trainer = Trainer(cfg, data, out, resume=resume, device=device, progress=progress,
                       init_weights=start.weights(ema=True) if start else None,
-                      init_source=(f"--init {init}", start.audio.to_dict()) if start else None)
+                      init_source=(f"--init {init}", start.audio.to_dict()) if start else None,
+                      init_trained_on=start.meta.get("trained_on") if start else None)
     if start is not None:
         log.info("starting from the weights of %s", init)
     try:

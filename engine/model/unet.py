@@ -8,7 +8,7 @@ from torch import nn
 from ..config import DiffusionConfig, ModelConfig
 from .anchor import anchor_for
 from .blocks import AttentionBlock, CondSequential, GroupNorm32, ResBlock, TimeEmbed
-from .motion_mask import apply_mask, mask_box
+from .motion_mask import apply_mask, mask_box, soft_keep
 
 
 class DiffusedHeadsUNet(nn.Module):
@@ -41,6 +41,17 @@ class DiffusedHeadsUNet(nn.Module):
         nn.init.zeros_(self.out[2].bias)
         self.color_anchor = anchor_for(config, diffusion)
         self.motion_mask_px = mask_box(config.motion_mask, config.image_size)
+        soft = self.motion_mask_px is not None and config.motion_mask_feather > 0
+        # the soft mask's weights [1, 1, H, W], if any: a non-persistent buffer (no state_dict entry)
+        self.register_buffer("motion_keep", soft_keep(config.motion_mask, config.image_size,
+                                                      config.motion_mask_feather) if soft else None, persistent=False)
+
+    def rebuild_constants(self) -> None:
+        """Recompute the non-persistent buffers (the soft mask) a meta-device build left unmaterialised:
+        ``load_state_dict(assign=True)`` fills only what the state_dict holds."""
+        if self.motion_keep is not None and self.motion_keep.is_meta:
+            cfg = self.config
+            self.motion_keep = soft_keep(cfg.motion_mask, cfg.image_size, cfg.motion_mask_feather)
 
     def _res(self, ch: int, emb_dim: int, out: int, **kw) -> ResBlock:
         return ResBlock(ch, emb_dim, out, dropout=self.config.dropout, groups=self.config.groups, **kw)
@@ -84,7 +95,9 @@ class DiffusedHeadsUNet(nn.Module):
         Returns [B, 6, H, W] (eps, then the variance interpolation v) or [B, 3, H, W]."""
         b = x.shape[0]
         motion = motion_frames.reshape(b, -1, *x.shape[2:])
-        if self.motion_mask_px is not None:
+        if self.motion_keep is not None:
+            motion = motion * self.motion_keep.to(motion.dtype)
+        elif self.motion_mask_px is not None:
             motion = apply_mask(motion, self.motion_mask_px)
         h = torch.cat([x, motion, x_cond], dim=1)
         t_emb = self.time_embed(timesteps)
