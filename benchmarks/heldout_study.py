@@ -7,7 +7,8 @@ the engine's crf) and decoded again, so encoder-removed grain does not count:
 * ``real``: the real clip (the prepared clip from ``--data``: training framing, the model's size);
 * ``generated``: the model driven by the clip's own speech, once per seed;
 * ``still``: the identity frame repeated (a photo);
-* ``shuffled``: the model driven by the next clip's speech (``controls`` add speech to draw from).
+* ``shuffled``: the model driven by another clip's speech, a different one for each seed (the clips after
+  it in turn, ``shuffle_source``; ``controls`` add speech to draw from).
 
 Each is scored against the clip's own speech (``score_video``): mouth motion (the 5-95% spread of
 MediaPipe's mouth opening and its std per second, as ratios to the real clip's), the mouth-vs-speech
@@ -280,24 +281,25 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
         n = min(inputs.n_frames, len(real_raw))
         loud = M.loudness_envelope(speech[clip.stem], rate, n_frames=n, fps=fps)
         others = [M.loudness_envelope(speech[o.stem], rate, n_frames=n, fps=fps) for o in pool if o != clip]
-        shuffle_from = pool[(pool.index(clip) + 1) % len(pool)]
+        others_in_pool = [o for o in pool if o != clip]
         real_frames = roundtrip_mp4(real_raw[:n], fps)
         real = score_video(real_frames, loud, fps, identity=ident, other_louds=others)
         rows = {"real": real, "still": score_video(roundtrip_mp4(np.repeat(ident[None], n, 0), fps), loud, fps,
                                                    identity=ident, real=real)}
         gens, shufs, shown = [], [], {}
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
             gen = roundtrip_mp4(_generate(head, inputs, sampler, seed)[:n], fps)
-            shuf = roundtrip_mp4(_generate(head, _speech(head, inputs, speech[shuffle_from.stem]), sampler, seed)[:n],
-                                 fps)
+            source = shuffle_source(others_in_pool, pool.index(clip), i)
+            shuf = roundtrip_mp4(_generate(head, _speech(head, inputs, speech[source.stem]), sampler, seed)[:n], fps)
             gens.append(score_video(gen, loud, fps, identity=ident, real=real, other_louds=others) | {"seed": seed})
-            shufs.append(score_video(shuf, loud, fps, identity=ident, real=real) | {"seed": seed})
+            shufs.append(score_video(shuf, loud, fps, identity=ident, real=real) | {"seed": seed,
+                                                                                    "speech_from": source.stem})
             shown = shown or {"real": real_frames, "generated": gen, "shuffled": shuf}
         rows.update(generated=gens, shuffled=shufs)
         for v in VARIANTS:
             scores[v] += [_curve_for_judge(r) for r in (rows[v] if isinstance(rows[v], list) else [rows[v]])]
         per_clip[clip.stem] = {"speaker": index[clip.stem].get("speaker"), "not_held_out": held[clip.stem],
-                               "shuffled_speech_from": shuffle_from.stem, **rows}
+                               "shuffled_speech_from": [r["speech_from"] for r in shufs], **rows}
         if strip_dir is not None:
             times = list(range(0, n, max(1, n // 10)))[:10]
             _write_png(strip_dir / f"{clip.stem}_talk.png", comparison_strip(shown, times))
@@ -312,6 +314,13 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
             "measured_on": "decoded mp4 (H.264, as dh-run writes)", "gate": dataclasses.asdict(gate),
             "clips": per_clip, "summary": summarize(scores),
             "verdicts": {v: {"talks": d.passed, "failed": d.failures(), "rules": d.rules} for v, d in verdicts.items()}}
+
+
+def shuffle_source(others: Sequence[Path], clip_index: int, seed_index: int) -> Path:
+    """Whose speech drives the shuffled baseline of a clip (at ``clip_index`` in the pool) for its
+    ``seed_index``-th seed: the clips after it in turn, so several seeds spread the baseline over several
+    other sentences (one other sentence can share this one's rhythm by chance)."""
+    return others[(clip_index + seed_index) % len(others)]
 
 
 def _brief(rows) -> str:

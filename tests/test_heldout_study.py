@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from dheads.benchmarks.heldout_study import (StudyError, grain, not_held_out, per_second, roundtrip_mp4, study,
-                                             study_sampler, table_markdown)
+from dheads.benchmarks.heldout_study import (StudyError, grain, not_held_out, per_second, roundtrip_mp4,
+                                             shuffle_source, study, study_sampler, table_markdown)
 from dheads.benchmarks.metrics import fmse
 from dheads.engine.config import SamplerConfig
 from dheads.engine.pipeline import default_engine_path
@@ -57,6 +58,14 @@ def test_not_held_out_by_speaker_or_clip_name():
     assert not_held_out(training, "bbaf9x", "s1") == "its speaker 's1' trained the model"
 
 
+def test_shuffled_speech_turns_over_the_other_clips_seed_by_seed():
+    pool = [Path(f"{c}.mpg") for c in ("a", "b", "c", "d")]
+    others = pool[1:]  # clip "a" (index 0)
+    assert [shuffle_source(others, 0, i).stem for i in range(4)] == ["b", "c", "d", "b"]
+    others = [pool[0], *pool[2:]]  # clip "b" (index 1): never its own speech
+    assert [shuffle_source(others, 1, i).stem for i in range(3)] == ["c", "d", "a"]
+
+
 def test_mp4_round_trip_removes_grain_as_users_see_it():
     rng = np.random.default_rng(0)
     flat = np.full((6, 64, 64, 3), 120, np.uint8)
@@ -73,7 +82,7 @@ def test_study_on_held_out_clips(prepared, shared_data, tmp_path):
     result = study(clips, None, data=prepared, sampler=SamplerConfig("ddpm", 4, spacing="trailing"), long_seconds=1.0,
                    strip_dir=tmp_path)
     row = result["clips"]["lbax4n"]
-    assert row["speaker"] == "lbax4n" and row["not_held_out"] is None and row["shuffled_speech_from"] == "sbwe5n"
+    assert row["speaker"] == "lbax4n" and row["not_held_out"] is None and row["shuffled_speech_from"] == ["sbwe5n"]
     assert row["real"]["mouth_spread_ratio"] == 1.0 and row["real"]["frames"] == 74
     assert row["still"]["mouth_spread_ratio"] < 0.2  # a photo's mouth does not move
     gen = row["generated"][0]

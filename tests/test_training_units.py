@@ -384,3 +384,18 @@ def test_dc_loss_weighs_the_noise_mean_like_a_whole_image():
     assert terms.loss.item() == pytest.approx((terms.mse + 1e-4 * terms.vlb + 0.2 * terms.lip + 0.5 * terms.dc).item(),
                                               rel=1e-6)
     assert diffusion_losses(out, noise, x0, x_t, t, tables, mask, LossConfig()).dc.item() == 0.0  # paper: off
+
+
+def test_speaker_balanced_draws():
+    speakers = ["s1"] * 500 + ["a", "b", "c"]
+    assert ds.speaker_balanced(speakers, 0.0) is None  # the uniform draw, bit for bit as before
+    p = ds.speaker_balanced(speakers, 0.6)
+    assert p.shape == (503,) and abs(p.sum() - 1) < 1e-12
+    assert abs(p[500:].sum() - 3 / (3 + 500 ** 0.4)) < 1e-12  # 20% for the three single-clip speakers
+    assert np.allclose(p[:500], p[0]) and abs(p[500] / p[0] - 500 ** 0.6) < 1e-9  # 41.6x a clip of s1
+    assert np.allclose(ds.speaker_balanced(speakers, 1.0)[500:], 0.25)  # every speaker alike
+    lengths = [75] * 503
+    a = ds.batch_specs(0, 7, 0, 0, 4000, lengths, clip_p=p)
+    assert a == ds.batch_specs(0, 7, 0, 0, 4000, lengths, clip_p=p)
+    assert 0.17 < np.mean([c >= 500 for c, _, _ in a]) < 0.23
+    assert ds.batch_specs(0, 7, 0, 0, 16, lengths) == ds.batch_specs(0, 7, 0, 0, 16, lengths, clip_p=None)

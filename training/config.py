@@ -43,6 +43,7 @@ class DataConfig:
     identity: str = "random"
     num_workers: int = 0  # DataLoader worker processes per rank
     cache: str = "auto"  # memory (load every clip once) | mmap (read frames on demand) | auto
+    speaker_balance: float = 0.0  # 0: every clip alike; 1: every speaker alike (dataset.speaker_balanced)
     # Augmentation (training/augment.py); all off by default = the paper's recipe.
     hflip: float = 0.0  # probability of mirroring a sample
     sample_color: float = 0.0  # max per-channel gain deviation (and 2x the max offset) of a sample's colour map
@@ -59,7 +60,7 @@ class DataConfig:
         _check_choice("data.cache", self.cache, ("auto", "memory", "mmap"))
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        for name in ("hflip", "motion_corrupt_prob", "motion_rollout_prob"):
+        for name in ("hflip", "motion_corrupt_prob", "motion_rollout_prob", "speaker_balance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("motion_noise", "motion_blur", "motion_color", "motion_shade", "motion_corrupt_ramp"):

@@ -57,10 +57,11 @@ def audio_indices(target: int, n_frames: int, window: int = 2) -> np.ndarray:
     return audio_window_indices(n_frames, window, frames=torch.tensor([target]))[0].numpy()
 
 
-def sample_spec(rng: np.random.Generator, lengths: Sequence[int], identity: str = "random"
-                ) -> tuple[int, int, int]:
-    """(clip, target, identity frame): a uniform clip, a uniform target frame, then the identity."""
-    clip = int(rng.integers(len(lengths)))
+def sample_spec(rng: np.random.Generator, lengths: Sequence[int], identity: str = "random",
+                clip_p: np.ndarray | None = None) -> tuple[int, int, int]:
+    """(clip, target, identity frame): a clip (uniform, or drawn with probabilities ``clip_p``), a uniform
+    target frame, then the identity."""
+    clip = int(rng.integers(len(lengths))) if clip_p is None else int(rng.choice(len(lengths), p=clip_p))
     target = int(rng.integers(lengths[clip]))
     return clip, target, choose_identity(rng, lengths[clip], target, identity)
 
@@ -71,19 +72,34 @@ def step_seed(seed: int, step: int, rank: int, micro: int, stream: int) -> int:
 
 
 def batch_specs(seed: int, step: int, rank: int, micro: int, batch_size: int, lengths: Sequence[int],
-                identity: str = "random") -> list[tuple[int, int, int]]:
+                identity: str = "random", clip_p: np.ndarray | None = None) -> list[tuple[int, int, int]]:
     """The ``batch_size`` (clip, target, identity) triples of one micro-batch."""
     rng = np.random.default_rng(step_seed(seed, step, rank, micro, 0))
-    return [sample_spec(rng, lengths, identity) for _ in range(batch_size)]
+    return [sample_spec(rng, lengths, identity, clip_p) for _ in range(batch_size)]
+
+
+def speaker_balanced(speakers: Sequence[str], balance: float) -> np.ndarray | None:
+    """Clip probabilities where a speaker with n clips draws ``n ** (1 - balance)`` shares, split evenly over
+    its clips: 0 = every clip alike (None: the uniform draw), 1 = every speaker alike. One speaker with 500
+    clips beside three with one each: 0.6% of samples for the three at 0, 20% at 0.6, 75% at 1."""
+    if balance <= 0:
+        return None
+    counts: dict[str, int] = {}
+    for s in speakers:
+        counts[s] = counts.get(s, 0) + 1
+    w = np.array([counts[s] ** (1.0 - balance) / counts[s] for s in speakers], dtype=np.float64)
+    return w / w.sum()
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """Yields the micro-batches of steps ``start .. stop-1`` (``grad_accum`` per step) for one rank."""
 
     def __init__(self, lengths: Sequence[int], *, seed: int, batch_size: int, grad_accum: int = 1,
-                 start: int = 0, stop: int, rank: int = 0, identity: str = "random"):
+                 start: int = 0, stop: int, rank: int = 0, identity: str = "random",
+                 clip_p: np.ndarray | None = None):
         self.lengths, self.seed, self.batch_size = list(lengths), seed, batch_size
         self.grad_accum, self.start, self.stop, self.rank, self.identity = grad_accum, start, stop, rank, identity
+        self.clip_p = clip_p
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start) * self.grad_accum
@@ -91,7 +107,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start, self.stop):
             for micro in range(self.grad_accum):
-                yield batch_specs(self.seed, step, self.rank, micro, self.batch_size, self.lengths, self.identity)
+                yield batch_specs(self.seed, step, self.rank, micro, self.batch_size, self.lengths, self.identity,
+                                  self.clip_p)
 
 
 # --------------------------------------------------------------------------- clip storage
@@ -159,7 +176,8 @@ class ClipStore:
             raise ValueError(f"{self.root}: no clips of at least 2 frames in split {split!r}")
         self.split = split
         self.ids = [e["id"] for e in entries]
-        self.speakers = sorted({str(e.get("speaker", e["id"])) for e in entries})
+        self.clip_speakers = [str(e.get("speaker", e["id"])) for e in entries]
+        self.speakers = sorted(set(self.clip_speakers))
         self.lengths = [int(e["n_frames"]) for e in entries]
         paths = [self.path(i) for i in self.ids]
         total = sum(p.stat().st_size for p in paths)

@@ -42,7 +42,8 @@ from dheads.engine.threads import worker_init
 from . import health
 from .augment import augment
 from .config import OptimConfig, TrainingConfig, dumps_toml
-from .dataset import ClipStore, FrameDataset, StepBatchSampler, preview_inputs, step_seed, training_record
+from .dataset import (ClipStore, FrameDataset, StepBatchSampler, preview_inputs, speaker_balanced, step_seed,
+                      training_record)
 from .diffusion import make_tables, q_sample, schedule_for
 from .losses import box_mask, diffusion_losses
 
@@ -486,7 +487,8 @@ class Trainer:
             return result
         sampler = StepBatchSampler(self.store.lengths, seed=t.seed, batch_size=t.batch_size,
                                    grad_accum=t.grad_accum, start=self.step, stop=stop, rank=self.dist.rank,
-                                   identity=self.cfg.data.identity)
+                                   identity=self.cfg.data.identity,
+                                   clip_p=speaker_balanced(self.store.clip_speakers, self.cfg.data.speaker_balance))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
                                              worker_init_fn=worker_init, pin_memory=self.dist.device.type == "cuda",
                                              persistent_workers=False)
