@@ -58,7 +58,7 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
                  frame_noise: str | None = None) -> None:
     """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
     from .config import SPACINGS
-    from .noise import noise_correlation
+    from .noise import MAX_SEED, noise_correlation
 
     if frame_noise is not None:
         try:
@@ -78,7 +78,7 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
             SamplerConfig(name=sampler, steps=steps or 1, eta=eta)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--sampler") from None
-    if not 0 <= seed < 2**64:
+    if not 0 <= seed <= MAX_SEED:
         raise typer.BadParameter(f"must be in 0..2**64-1, got {seed}", param_hint="--seed")
     if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
         raise typer.BadParameter(f"must be a positive number of seconds, got {max_seconds}",
@@ -90,23 +90,21 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
 def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: str, warm_steps: int,
                     preset: str | None, head, spacing: str | None = None,
                     frame_noise: str | None = None) -> SamplerConfig:
-    """The preset's (else the engine's) sampler where a flag is not given; ``--steps`` must fit the model."""
-    from .plan import preset_sampler
+    """The preset's (else the engine's) sampler where a flag is not given (``plan.choose_sampler``, the merge
+    dh-serve applies to a client's fields); ``--steps`` must fit the model."""
+    from .plan import choose_sampler, preset_sampler
 
     diffusion = head.info.diffusion
     try:
         base = preset_sampler(preset, diffusion) if preset else head.default_sampler
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
-    steps = base.steps if steps is None else steps
-    if steps > diffusion.num_timesteps:
-        raise typer.BadParameter(f"must be at most {diffusion.num_timesteps} (the model's diffusion timesteps), "
-                                 f"got {steps}", param_hint="--steps")
     try:
-        return SamplerConfig(name=sampler or base.name, steps=steps, eta=eta, tables=tables,
-                             warm_steps=warm_steps or base.warm_steps, spacing=spacing or base.spacing,
-                             frame_noise=frame_noise or base.frame_noise)
+        return choose_sampler(diffusion, base, name=sampler, steps=steps, eta=eta, tables=tables,
+                              warm_steps=warm_steps or None, spacing=spacing, frame_noise=frame_noise)
     except ValueError as e:
+        if str(e).startswith("steps must be at most"):
+            raise typer.BadParameter(str(e).removeprefix("steps "), param_hint="--steps") from None
         raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables/--spacing/--frame-noise") from None
 
 

@@ -23,16 +23,101 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 CROP_MODES = ("auto", "none")
+# The pixel budget of a face image or video frame, checked on the file's header before anything is decoded:
+# a 2.5 MB PNG can claim 30000 x 30000 pixels (2.7 GB decoded), which crashed the face detector.
+MAX_IMAGE_PIXELS = 50_000_000  # a 50 MP photo (8660 x 5773): more than any phone's default
+MAX_IMAGE_SIDE = 16384
 
 
 class ImageError(ValueError):
     """A missing or unreadable identity image; the message is one line naming the file."""
 
 
+class ImageTooLarge(ImageError):
+    """An image (or video frame) over the pixel budget, refused from its header."""
+
+
+def check_pixels(width: int, height: int, source: str | os.PathLike) -> None:
+    """ImageTooLarge (one line) when ``width x height`` is over ``MAX_IMAGE_PIXELS`` or a side over ``MAX_IMAGE_SIDE``."""
+    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLarge(f"{source} is {width}x{height} pixels; a face image may have at most "
+                            f"{MAX_IMAGE_PIXELS / 1e6:g} MP and {MAX_IMAGE_SIDE} px a side (scale it down)")
+
+
+def _u(data: bytes, at: int, n: int, order: str = "big") -> int:
+    return int.from_bytes(data[at : at + n], order)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD9)):  # no length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return _u(data, i + 7, 2), _u(data, i + 5, 2)
+        i += 2 + _u(data, i + 2, 2)
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "little" if data[:2] == b"II" else "big"
+    ifd = _u(data, 4, 4, order)
+    size: dict[int, int] = {}
+    for k in range(min(_u(data, ifd, 2, order), 512)):
+        e = ifd + 2 + 12 * k
+        tag, kind = _u(data, e, 2, order), _u(data, e + 2, 2, order)
+        if tag in (256, 257):
+            size[tag] = _u(data, e + 8, 2 if kind == 3 else 4, order)
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG, JPEG, GIF, BMP, WebP or TIFF header, without decoding; None when the
+    header is not one of these (or is cut short)."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)  # JPEG: EXIF and ICC segments come before the frame header
+    if len(data) < 32:  # shorter than any of these headers with its size fields
+        return None
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return _u(data, 16, 4), _u(data, 20, 4)
+        if data[:3] == b"\xff\xd8\xff":
+            return _jpeg_size(data)
+        if data[:4] in (b"GIF8",):
+            return _u(data, 6, 2, "little"), _u(data, 8, 2, "little")
+        if data[:2] == b"BM":
+            if _u(data, 14, 4, "little") == 12:  # OS/2 core header: 16-bit sides
+                return _u(data, 18, 2, "little"), _u(data, 20, 2, "little")
+            return (abs(int.from_bytes(data[18:22], "little", signed=True)),
+                    abs(int.from_bytes(data[22:26], "little", signed=True)))
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                return 1 + _u(data, 24, 3, "little"), 1 + _u(data, 27, 3, "little")
+            if chunk == b"VP8L":
+                bits = _u(data, 21, 4, "little")
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+            if chunk == b"VP8 ":
+                return _u(data, 26, 2, "little") & 0x3FFF, _u(data, 28, 2, "little") & 0x3FFF
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except (IndexError, KeyError):
+        return None
+    return None
+
+
 def read_rgb(path: str | os.PathLike, *, frame: int = 0) -> np.ndarray:
     """Decode a photo, or frame ``frame`` of a video, to uint8 ``[H, W, 3]`` RGB.
 
-    Raises ``ImageError`` for a missing or undecodable photo, ``video.VideoError`` for a video
+    Raises ``ImageTooLarge`` for a picture over the pixel budget (from its header, before decoding),
+    ``ImageError`` for a missing or undecodable photo, ``video.VideoError`` for a video
     that cannot be read or has no frame ``frame`` (both are ``ValueError``).
     """
     path = Path(path)
@@ -40,18 +125,24 @@ def read_rgb(path: str | os.PathLike, *, frame: int = 0) -> np.ndarray:
         raise ImageError(f"{path} is a directory; give a photo or a video of one face")
     if not path.is_file():
         raise ImageError(f"no such file: {path}")
+    size = header_size(path)
+    if size is not None:
+        check_pixels(*size, path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         try:
-            return read_frame(path, frame)
+            rgb = read_frame(path, frame, check_size=lambda w, h: check_pixels(w, h, path))
         except NoVideoStream:  # a wav given as FACE, say
             raise ImageError(f"cannot read image {path} (it holds no picture or video stream)") from None
-    if frame != 0:
-        raise ImageError(f"frame={frame} given but {path} is a still image")
-    with quiet_native_stderr():  # libpng/libjpeg print their own "libpng error: ..." line on fd 2
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ImageError(f"cannot read image {path} (corrupt or unsupported format)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    else:
+        if frame != 0:
+            raise ImageError(f"frame={frame} given but {path} is a still image")
+        with quiet_native_stderr():  # libpng/libjpeg print their own "libpng error: ..." line on fd 2
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ImageError(f"cannot read image {path} (corrupt or unsupported format)")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    check_pixels(rgb.shape[1], rgb.shape[0], path)  # a header this module cannot parse: never past the detector
+    return rgb
 
 
 def center_square(rgb: np.ndarray) -> tuple[int, int, int]:

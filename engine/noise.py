@@ -21,6 +21,7 @@ import torch
 NoiseFn = Callable[[int, torch.Tensor], None]  # (frame index, out buffer) -> fills out in place
 
 FRAME_NOISE = ("fresh", "repeat")  # or a correlation strictly between 0 and 1, written as a number
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes: dh-run's --seed and dh-serve's seed
 
 
 def noise_correlation(frame_noise: str) -> float:

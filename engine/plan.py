@@ -8,6 +8,7 @@ they share.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,20 @@ PRESETS: dict[str, SamplerConfig | None] = {
     "quality": None,
     "realtime": SamplerConfig(name="dpmpp_2m_sde", steps=10),
 }
+
+
+def choose_sampler(diffusion: DiffusionConfig, base: SamplerConfig | None = None, **choices) -> SamplerConfig:
+    """``base`` (None: the artifact's recorded sampler) with the fields a user chose; a choice of None keeps
+    base's. The one merge behind dh-run's flags and dh-serve's request fields, so a client that sets only
+    ``steps`` keeps the engine's sampler, spacing, frame noise and warm start. ValueError (one line) for a
+    value ``SamplerConfig`` refuses, or more steps than the model's diffusion timesteps."""
+    base = base or default_sampler(diffusion)
+    given = {k: v for k, v in choices.items() if v is not None}
+    steps = given.get("steps")
+    if steps is not None and steps > diffusion.num_timesteps:
+        raise ValueError(f"steps must be at most {diffusion.num_timesteps} (the model's diffusion timesteps), "
+                         f"got {steps}")
+    return dataclasses.replace(base, **given)
 
 
 def preset_sampler(name: str, diffusion: DiffusionConfig) -> SamplerConfig:
@@ -103,5 +118,5 @@ def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: S
     return x
 
 
-__all__ = ["PRESETS", "SamplingPlan", "default_sampler", "denoise_frame", "make_plan", "make_state", "preset_sampler",
+__all__ = ["PRESETS", "SamplingPlan", "choose_sampler", "default_sampler", "denoise_frame", "make_plan", "make_state", "preset_sampler",
            "warm_start"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -138,16 +138,20 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         return VideoInfo(fps, n_frames, stream.width, stream.height, has_audio, float(duration))
 
 
-def read_frames(path: str | os.PathLike, *, max_frames: int | None = None) -> Iterator[np.ndarray]:
+def read_frames(path: str | os.PathLike, *, max_frames: int | None = None,
+                check_size: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
     """Decode a video's frames in order: yields ``np.ndarray`` uint8 ``[H, W, 3]`` RGB, contiguous.
 
     Stops after ``max_frames`` frames where given. Raises ``VideoError`` (one line) for a missing
-    or undecodable file.
+    or undecodable file. ``check_size(width, height)``, where given, sees the stream's header size before
+    any frame is decoded (and may raise).
     """
     if max_frames is not None and max_frames <= 0:
         return
     with _open_input(path) as container:
         stream = _video_stream(container, path)
+        if check_size is not None:
+            check_size(stream.codec_context.width, stream.codec_context.height)
         stream.thread_type = "AUTO"
         n = 0
         try:
@@ -160,15 +164,16 @@ def read_frames(path: str | os.PathLike, *, max_frames: int | None = None) -> It
             raise VideoError(f"cannot decode video {path}: {_reason(e)}") from None
 
 
-def read_frame(path: str | os.PathLike, index: int = 0) -> np.ndarray:
-    """Decode frame ``index`` (0-based) of a video: uint8 ``[H, W, 3]`` RGB.
+def read_frame(path: str | os.PathLike, index: int = 0,
+               check_size: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Decode frame ``index`` (0-based) of a video: uint8 ``[H, W, 3]`` RGB (``check_size``: as ``read_frames``).
 
     Raises ``VideoError`` when the video has no frame ``index``.
     """
     if index < 0:
         raise VideoError(f"frame index must be >= 0, got {index} for {path}")
     last, n = None, 0
-    for n, last in enumerate(read_frames(path, max_frames=index + 1), start=1):
+    for n, last in enumerate(read_frames(path, max_frames=index + 1, check_size=check_size), start=1):
         pass
     if last is None or n <= index:
         raise VideoError(f"frame {index} is beyond the end of {path} ({n} frames)")
