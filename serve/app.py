@@ -2,8 +2,9 @@
 
 ``GET /`` the page, ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``POST /v1/render`` (multipart ->
 ``video/mp4``), ``WS /v1/stream`` (frames as they are made; the protocol is in README "Serving"),
-``GET /v1/videos/{id}`` (the mp4 of a finished stream that asked for one). Errors are JSON
-``{"error": "<one line>"}`` with a 4xx (5xx: shutting down or an engine failure).
+``POST /v1/ticket`` (a short-lived WebSocket ticket for a browser), ``GET /v1/videos/{id}`` (the mp4 of a
+finished stream that asked for one). Every error is JSON ``{"error": "<one line>"}`` with a 4xx (5xx: loading,
+busy, shutting down or an engine failure); a WebSocket gets it as ``{"type": "error", ...}`` and a close code.
 """
 
 from __future__ import annotations
@@ -12,24 +13,31 @@ import asyncio
 import contextlib
 import hmac
 import importlib.resources
-import json
 import logging
 import os
 import re
+import secrets
+import time
 
 import cv2
 import numpy as np
 import soxr
 from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dheads.engine.audio import SAMPLE_RATE
 
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE
+from .protocol import as_bool, as_int, as_str, check_fields, parse_json
 from .uploads import LimitError, RequestError, UploadDir, float_to_pcm16, pcm16_to_float
-from .worker import PCM_ENCODE_EVERY, SAMPLES_PER_FRAME, ClientError, EngineWorker, Session, stream_options
+from .worker import (PCM_ENCODE_EVERY, SAMPLES_PER_FRAME, SAMPLING_FIELDS, ClientError, EngineWorker, Session,
+                     ShuttingDown, stream_options)
 
 log = logging.getLogger(__name__)
 _VIDEO_ID = re.compile(r"[0-9a-f]{32}")
@@ -42,12 +50,25 @@ def _status(e: BaseException) -> int:
     return getattr(e, "status", 400)
 
 
-def _one_line(e: BaseException) -> str:
+def _close_code(e: BaseException) -> int:
+    """The WebSocket close code of a refusal: 1009 over a limit, 1012 shutting down, 1013 busy, else 1008."""
+    if isinstance(e, ShuttingDown):
+        return 1012
+    return {413: 1009, 503: 1013}.get(_status(e), 1008)
+
+
+def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 
 
+def error_response(message: str, status: int) -> JSONResponse:
+    """The one error shape of every endpoint: ``{"error": "<one line>"}``."""
+    return JSONResponse({"error": _one_line(message)}, status_code=status)
+
+
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is parsed."""
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 (JSON): at once when its
+    Content-Length says so, else as soon as that many bytes arrived (chunked), whatever the app then does."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -57,20 +78,79 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            res = JSONResponse({"error": f"request body is {int(length)} bytes; this server takes at most "
-                                         f"{self.limit}"}, status_code=413)
+            res = error_response(f"request body is {int(length)} bytes; this server takes at most {self.limit}", 413)
             return await res(scope, receive, send)
-        seen = 0
+        seen, over, answered = 0, False, False
+        refusal = error_response(f"request body is over {self.limit} bytes; this server takes at most {self.limit}",
+                                 413)
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise LimitError(f"request body is over {self.limit} bytes")
             return msg
 
-        return await self.app(scope, counted, send)
+        async def checked_send(msg):
+            nonlocal answered
+            if over and msg["type"] == "http.response.start" and not answered:
+                answered = True
+                return await refusal(scope, receive, send)
+            if not answered:
+                await send(msg)
+
+        try:
+            await self.app(scope, counted, checked_send)
+        except Exception:
+            if not over:
+                raise
+            if not answered:
+                answered = True
+                await refusal(scope, receive, send)
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks ``token=`` and ``ticket=`` values in log lines (uvicorn's access log prints the query string)."""
+
+    _SECRET = re.compile(r"((?:token|ticket)=)[^&\s\"']*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._SECRET.sub(r"\1<redacted>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def redact_access_log() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
+
+
+class Tickets:
+    """Short-lived, single-use WebSocket tickets (``POST /v1/ticket``): a browser cannot send a header on a
+    WebSocket, and a ticket in the URL is worth nothing once used or ``ttl_s`` old."""
+
+    MAX_LIVE = 1024
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s, self._live = ttl_s, {}
+
+    def issue(self) -> str:
+        now = time.monotonic()
+        self._live = {t: end for t, end in self._live.items() if end > now}
+        if len(self._live) >= self.MAX_LIVE:
+            raise ClientError(f"server busy: {len(self._live)} tickets not yet used", 503)
+        ticket = secrets.token_urlsafe(24)
+        self._live[ticket] = now + self.ttl_s
+        return ticket
+
+    def take(self, ticket: str | None) -> bool:
+        end = self._live.pop(ticket, None) if ticket else None
+        return end is not None and end > time.monotonic()
 
 
 def encode_frame(rgb: np.ndarray, fmt: str) -> bytes:
@@ -83,49 +163,90 @@ def encode_frame(rgb: np.ndarray, fmt: str) -> bytes:
     return buf.tobytes()
 
 
+OPEN_PATHS = ("/", "/healthz")  # no token, no origin check
+TOKEN_HINT = "send Authorization: Bearer <token>"
+START_FIELDS = ("type", "format", "audio", *SAMPLING_FIELDS, "sample_rate", "mp4", "face_name", "audio_name")
+
+
 def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None = None) -> FastAPI:
-    """The app; it starts (and at shutdown stops) its own worker unless given a started one."""
+    """The app; it starts (and at shutdown stops) its own worker unless given a started one. An owned worker
+    loads its engine in the background, so /healthz answers 503 "loading" until it is ready."""
     owned = worker is None
     worker = worker or EngineWorker(config)
     config = worker.config
+    tickets = Tickets(config.ticket_ttl_s)
+    redact_access_log()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         if owned:
-            await asyncio.to_thread(worker.start)
+            worker.start_in_background()
         yield
         if owned:
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="dh-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
-    # two uploads + form fields + multipart framing
-    app.add_middleware(BodyLimit, limit=2 * config.max_upload_bytes + (64 << 10))
 
-    def authorised(headers, query) -> bool:
+    def token_ok(headers) -> bool:
         if config.token is None:
             return True
-        given = query.get("token") or ""
         auth = headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         return hmac.compare_digest(given.encode(), config.token.encode())
+
+    def refusal(scope_type: str, path: str, headers) -> tuple[str, int] | None:
+        """Why an HTTP request or WebSocket is refused before it reaches its endpoint: origin, then token."""
+        origin = headers.get("origin")
+        if not config.origin_allowed(origin, headers.get("host")):
+            return f"origin {origin} is not allowed here (dh-serve --allow-origin)", 403
+        if scope_type == "http" and not token_ok(headers):  # WS: token or ticket, checked by the endpoint
+            return f"missing or wrong token ({TOKEN_HINT})", 401
+        return None
+
+    class Gate:
+        """ASGI middleware: the origin and token checks of every HTTP request but the page and /healthz (a
+        finished video's URL holds an unguessable id: a link that works without the token)."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            path = scope.get("path", "")
+            if scope["type"] == "http" and path not in OPEN_PATHS and not path.startswith("/v1/videos/"):
+                why = refusal("http", path, Headers(scope=scope))
+                if why is not None:
+                    return await error_response(*why)(scope, receive, send)
+            return await self.app(scope, receive, send)
+
+    # two uploads + form fields + multipart framing
+    app.add_middleware(BodyLimit, limit=2 * config.max_upload_bytes + (64 << 10))
+    app.add_middleware(Gate)
+    origins = config.allow_origins or ()
+    if origins:  # outermost: answers the preflight of an allowed origin before the token check
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(ClientError)
     @app.exception_handler(LimitError)
     @app.exception_handler(RequestError)
     async def client_error(_request, e):
-        return JSONResponse({"error": _one_line(e)}, status_code=_status(e))
+        return error_response(str(e), _status(e))
 
-    @app.middleware("http")
-    async def token_gate(request: Request, call_next):
-        if request.url.path not in ("/", "/healthz") and not authorised(request.headers, request.query_params):
-            return JSONResponse({"error": "missing or wrong token (send Authorization: Bearer <token>)"},
-                                status_code=401)
-        try:
-            return await call_next(request)
-        except LimitError as e:
-            return JSONResponse({"error": _one_line(e)}, status_code=413)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e):
+        return error_response(str(e.detail), e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, e):
+        first = (e.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(f"{where}: {first.get('msg', 'invalid request')}", 400)
+
+    @app.exception_handler(Exception)
+    async def failure(_request, e):
+        log.error("request failed: %s", _one_line(e), exc_info=e)
+        return error_response(f"server error: {_one_line(e)}", 500)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -133,15 +254,23 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
 
     @app.get("/healthz")
     async def healthz():
+        if worker.stopping:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if not worker.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        info = worker.head.info
+        info, default = worker.head.info, worker.head.default_sampler
         return {"status": "ok", "pid": os.getpid(), "image_size": info.model.image_size, "fps": info.audio.fps,
-                "sampler": worker.head.default_sampler.name, "steps": worker.head.default_sampler.steps}
+                "sampler": default.name, "steps": default.steps, "sampling": default.to_dict()}
 
     @app.get("/metrics")
     async def metrics():
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/ticket")
+    async def ticket():
+        if worker.draining:
+            raise ShuttingDown()
+        return {"ticket": tickets.issue(), "expires_in": config.ticket_ttl_s}
 
     async def read_upload(part: UploadFile | None, kind: str) -> tuple[bytes, str | None]:
         if part is None or not hasattr(part, "read"):
@@ -149,69 +278,125 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
         return await part.read(config.max_upload_bytes + 1), part.filename
 
     @app.post("/v1/render")
-    async def render(face: UploadFile | None = File(None), audio: UploadFile | None = File(None),
-                     steps: str | None = Form(None), sampler: str | None = Form(None), seed: str | None = Form(None)):
-        opts = stream_options(worker.head, config, steps=steps, sampler=sampler, seed=seed)
-        with UploadDir() as d:
-            fu = d.save("face", *(await read_upload(face, "face")), max_bytes=config.max_upload_bytes)
-            au = d.save("audio", *(await read_upload(audio, "audio")), max_bytes=config.max_upload_bytes)
-            identity = await worker.run_prep(worker.load_identity, fu)
-            samples, emb = await worker.run_prep(worker.load_speech, au)
-            session = Session(worker, worker.new_stream(identity, opts, emb, True), samples, keep_frames=True)
-            worker.submit(session)
+    async def render(request: Request, face: UploadFile | None = File(None), audio: UploadFile | None = File(None),
+                     steps: str | None = Form(None), sampler: str | None = Form(None), seed: str | None = Form(None),
+                     spacing: str | None = Form(None), frame_noise: str | None = Form(None)):
+        with worker.request():
+            opts = stream_options(worker.head, config, steps=steps, sampler=sampler, seed=seed, spacing=spacing,
+                                  frame_noise=frame_noise)
+            job = asyncio.create_task(_render_job(worker, face, audio, opts, read_upload))
+            gone = asyncio.create_task(_disconnect(request))
             try:
-                while await session.next() is not None:
-                    pass
+                done, _ = await asyncio.wait({job, gone}, timeout=config.max_stream_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
             finally:
-                session.cancel()
-            out = await run_in_threadpool(worker.write_video, d.path / "out.mp4", session.kept, samples)
-            data = out.read_bytes()
-        return Response(data, media_type="video/mp4", headers={"X-Frames": str(len(session.kept))})
+                gone.cancel()
+                if not job.done():
+                    job.cancel()
+                    with contextlib.suppress(BaseException):
+                        await job
+            if job not in done:
+                if gone in done:
+                    log.info("render cancelled: its client disconnected")
+                    return error_response("client disconnected", 499)
+                raise ClientError(f"render took over {config.max_stream_seconds:g} s, this server's limit", 503)
+            data, frames = job.result()
+        return Response(data, media_type="video/mp4", headers={"X-Frames": str(frames)})
 
     @app.get("/v1/videos/{vid}")
     async def video(vid: str):
         path = worker.videos.get(vid) if _VIDEO_ID.fullmatch(vid) else None
         if path is None or not path.is_file():
-            return JSONResponse({"error": "no such video (finished videos are kept for a while only)"},
-                                status_code=404)
+            return error_response("no such video (finished videos are kept for a while only)", 404)
         return FileResponse(path, media_type="video/mp4", filename="dheads.mp4")
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
         await ws.accept()
-        if not authorised(ws.headers, ws.query_params):
-            await ws.send_json({"type": "error", "error": "missing or wrong token (add ?token=<token>)"})
+        why = refusal("websocket", "/v1/stream", ws.headers)
+        if why is None and not (token_ok(ws.headers) or tickets.take(ws.query_params.get("ticket"))):
+            why = (f"missing or wrong token ({TOKEN_HINT}, or ?ticket= from POST /v1/ticket)", 401)
+        if why is not None:
+            await ws.send_json({"type": "error", "error": why[0]})
             return await ws.close(code=1008)
-        session, feeder, d = None, None, UploadDir()
         try:
-            start = await _receive_json(ws, "start")
-            opts = stream_options(worker.head, config, steps=start.get("steps"), sampler=start.get("sampler"),
-                                  seed=start.get("seed"))
-            fmt, mode = start.get("format", "jpeg"), start.get("audio", "file")
-            if fmt not in FORMATS:
-                raise RequestError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-            if mode not in ("file", "pcm"):
-                raise RequestError(f"audio must be 'file' or 'pcm', got {mode!r}")
-            fu = d.save("face", await _receive_bytes(ws, "face"), start.get("face_name"),
-                        max_bytes=config.max_upload_bytes)
-            identity = await worker.run_prep(worker.load_identity, fu)
-            if mode == "file":
-                au = d.save("audio", await _receive_bytes(ws, "audio"), start.get("audio_name"),
-                            max_bytes=config.max_upload_bytes)
+            with worker.request():
+                async with asyncio.timeout(config.max_stream_seconds):
+                    await _stream(ws, worker)
+        except WebSocketDisconnect:
+            pass
+        except TimeoutError:
+            await _send_error(ws, f"stream took over {config.max_stream_seconds:g} s, this server's limit", 1008)
+        except (ClientError, LimitError, RequestError) as e:
+            await _send_error(ws, e, _close_code(e))
+        except Exception as e:  # an engine failure: tell the client in one line
+            log.exception("stream failed")
+            await _send_error(ws, f"server error: {_one_line(e)}", 1011)
+
+    return app
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client of an HTTP request (whose body was read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _render_job(worker: EngineWorker, face, audio, opts, read_upload) -> tuple[bytes, int]:
+    """One render, uploads to mp4 bytes; cancelling it cancels its stream and removes its files."""
+    config, session = worker.config, None
+    with UploadDir() as d:
+        try:
+            with worker.preparing():
+                fu = d.save("face", *(await read_upload(face, "face")), max_bytes=config.max_upload_bytes)
+                au = d.save("audio", *(await read_upload(audio, "audio")), max_bytes=config.max_upload_bytes)
+                identity = await worker.run_prep(worker.load_identity, fu)
                 samples, emb = await worker.run_prep(worker.load_speech, au)
-                session = Session(worker, worker.new_stream(identity, opts, emb, True), samples,
-                                  keep_frames=bool(start.get("mp4")))
-                feeder = asyncio.create_task(_watch(ws, session))
-            else:
-                rate = _sample_rate(start.get("sample_rate", SAMPLE_RATE))
-                session = Session(worker, worker.new_stream(identity, opts, None, False),
-                                  np.zeros(0, np.float32), keep_frames=bool(start.get("mp4")))
-                feeder = asyncio.create_task(_feed_pcm(ws, worker, session, rate))
-            size = worker.head.info.model.image_size
-            await ws.send_json({"type": "ready", "fps": worker.head.info.audio.fps, "size": size,
-                                "sample_rate": SAMPLE_RATE, "frames": session.stream.n_frames, "format": fmt,
-                                "sampler": opts.sampler.name, "steps": opts.sampler.steps})
-            worker.submit(session)
+                session = Session(worker, worker.new_stream(identity, opts, emb, True), samples, keep_frames=True)
+                worker.submit(session)
+            while await session.next() is not None:
+                pass
+        finally:
+            if session is not None:
+                session.cancel()
+        out = await run_in_threadpool(worker.write_video, d.path / "out.mp4", session.kept, samples)
+        return out.read_bytes(), len(session.kept)
+
+
+async def _stream(ws: WebSocket, worker: EngineWorker) -> None:
+    """One WebSocket stream, start message to ``done`` (protocol: README "Serving")."""
+    config, session, feeder = worker.config, None, None
+    wait = config.start_timeout_s
+    with UploadDir() as d:
+        try:
+            with worker.preparing():
+                start = await _receive_json(ws, "start", wait)
+                check_fields("start", start, START_FIELDS)
+                opts = stream_options(worker.head, config, **{k: start.get(k) for k in SAMPLING_FIELDS})
+                fmt = as_str("format", start.get("format"), FORMATS) or "jpeg"
+                mode = as_str("audio", start.get("audio"), ("file", "pcm")) or "file"
+                keep = as_bool("mp4", start.get("mp4"))
+                names = {k: as_str(k, start.get(k)) for k in ("face_name", "audio_name")}
+                rate = as_int("sample_rate", start.get("sample_rate"), 8000, 192000) or SAMPLE_RATE
+                fu = d.save("face", await _receive_bytes(ws, "face", wait), names["face_name"],
+                            max_bytes=config.max_upload_bytes)
+                identity = await worker.run_prep(worker.load_identity, fu)
+                if mode == "file":
+                    au = d.save("audio", await _receive_bytes(ws, "audio", wait), names["audio_name"],
+                                max_bytes=config.max_upload_bytes)
+                    samples, emb = await worker.run_prep(worker.load_speech, au)
+                    session = Session(worker, worker.new_stream(identity, opts, emb, True), samples, keep_frames=keep)
+                    feeder = asyncio.create_task(_watch(ws, session))
+                else:
+                    session = Session(worker, worker.new_stream(identity, opts, None, False),
+                                      np.zeros(0, np.float32), keep_frames=keep)
+                    feeder = asyncio.create_task(_feed_pcm(ws, worker, session, rate))
+                size = worker.head.info.model.image_size
+                await ws.send_json({"type": "ready", "fps": worker.head.info.audio.fps, "size": size,
+                                    "sample_rate": SAMPLE_RATE, "frames": session.stream.n_frames, "format": fmt,
+                                    "sampler": opts.sampler.name, "steps": opts.sampler.steps,
+                                    "sampling": opts.sampler.to_dict()})
+                worker.submit(session)
             n = 0
             while (frame := await session.next()) is not None:
                 img = encode_frame(frame.rgb, fmt)
@@ -229,59 +414,40 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
                 done["video"] = f"/v1/videos/{worker.store_video(session.id, path)}"
             await ws.send_json(done)
             await ws.close(code=1000)
-        except WebSocketDisconnect:
-            pass
-        except (ClientError, LimitError, RequestError) as e:
-            await _send_error(ws, e, 1009 if _status(e) == 413 else 1008)
-        except Exception as e:  # an engine failure or shutdown: tell the client in one line
-            log.exception("stream failed")
-            await _send_error(ws, e, 1011)
         finally:
             if session is not None:
                 session.cancel()
             if feeder is not None:
                 feeder.cancel()
-            d.close()
-
-    return app
 
 
-def _sample_rate(value) -> int:
-    try:
-        rate = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"sample_rate must be an integer in Hz, got {value!r}") from None
-    if not 8000 <= rate <= 192000:
-        raise RequestError(f"sample_rate must be in 8000..192000 Hz, got {rate}")
-    return rate
-
-
-async def _send_error(ws: WebSocket, e: BaseException, code: int) -> None:
+async def _send_error(ws: WebSocket, e: BaseException | str, code: int) -> None:
     with contextlib.suppress(Exception):
         await ws.send_json({"type": "error", "error": _one_line(e)})
         await ws.close(code=code)
 
 
-async def _receive(ws: WebSocket) -> dict:
-    msg = await ws.receive()
+async def _receive(ws: WebSocket, timeout: float | None = None, what: str = "message") -> dict:
+    """The client's next message; RequestError when none comes within ``timeout`` seconds."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+    except TimeoutError:
+        raise RequestError(f"no {what} within {timeout:g} s; closing") from None
     if msg["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(msg.get("code", 1000))
     return msg
 
 
-async def _receive_json(ws: WebSocket, kind: str) -> dict:
-    msg = await _receive(ws)
-    try:
-        data = json.loads(msg.get("text") or "")
-    except ValueError:
-        data = None
+async def _receive_json(ws: WebSocket, kind: str, timeout: float | None = None) -> dict:
+    msg = await _receive(ws, timeout, f'{{"type": "{kind}"}} message')
+    data = parse_json(msg.get("text"))
     if not isinstance(data, dict) or data.get("type") != kind:
         raise RequestError(f"expected a JSON text message {{\"type\": \"{kind}\", ...}}")
     return data
 
 
-async def _receive_bytes(ws: WebSocket, kind: str) -> bytes:
-    msg = await _receive(ws)
+async def _receive_bytes(ws: WebSocket, kind: str, timeout: float | None = None) -> bytes:
+    msg = await _receive(ws, timeout, f"{kind} file")
     if msg.get("bytes") is None:
         raise RequestError(f"expected the {kind} file as one binary message")
     return msg["bytes"]
@@ -297,21 +463,20 @@ async def _watch(ws: WebSocket, session: Session) -> None:
 
 
 async def _feed_pcm(ws: WebSocket, worker: EngineWorker, session: Session, rate: int) -> None:
-    """PCM mode: 16-bit mono chunks at ``rate`` until ``{"type": "end"}``; the embeddings of the speech so far
-    are recomputed every ``PCM_ENCODE_EVERY`` new samples and once at the end."""
+    """PCM mode: 16-bit mono chunks at ``rate`` until ``{"type": "end"}`` (each within ``idle_timeout_s`` of
+    the last); the embeddings of the speech so far are recomputed every ``PCM_ENCODE_EVERY`` new samples and
+    once at the end."""
     chunks: list[np.ndarray] = []
     encoded = 0
     try:
         while True:
-            msg = await _receive(ws)
+            msg = await _receive(ws, worker.config.idle_timeout_s, "audio")
             final = False
             if msg.get("bytes") is not None:
                 chunks.append(pcm16_to_float(msg["bytes"]))
             else:
-                try:
-                    final = json.loads(msg.get("text") or "").get("type") == "end"
-                except (ValueError, AttributeError):
-                    final = False
+                data = parse_json(msg.get("text"))
+                final = isinstance(data, dict) and data.get("type") == "end"
                 if not final:
                     raise RequestError('expected binary PCM chunks or {"type": "end"}')
             raw = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

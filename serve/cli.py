@@ -35,11 +35,22 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="TCP port"),
     max_streams: int = typer.Option(8, help="streams batched together (more wait in the queue)"),
-    max_queue: int = typer.Option(32, help="streams allowed to wait for a slot before new ones get 503"),
-    token: str = typer.Option(None, envvar="DH_SERVE_TOKEN", help="require this bearer token (or ?token=)"),
+    max_queue: int = typer.Option(32, help="streams allowed to be preparing or waiting for a slot before new ones "
+                                           "get 503"),
+    max_connections: int = typer.Option(64, help="renders and streams open at once before new ones get 503"),
+    token: str = typer.Option(None, envvar="DH_SERVE_TOKEN", help="require this token: Authorization: Bearer "
+                                                                   "<token> (a browser's WebSocket: a ticket)"),
+    allow_origin: list[str] = typer.Option(None, help="a browser origin allowed to call the server (repeat; '*': "
+                                                      "any). Default: any without --token, only its own with it"),
     threads: int = typer.Option(None, help="CPU threads for the engine (default: auto)"),
     max_upload_mb: float = typer.Option(20.0, help="largest face or audio upload, MiB"),
     max_audio_seconds: float = typer.Option(60.0, help="longest speech a stream may have"),
+    start_timeout: float = typer.Option(30.0, help="seconds a stream may take to send each of its start, face "
+                                                   "and audio messages"),
+    idle_timeout: float = typer.Option(30.0, help="seconds a PCM stream may go without sending audio"),
+    max_stream_seconds: float = typer.Option(600.0, help="longest a render or stream may take, start to end"),
+    drain_seconds: float = typer.Option(5.0, help="on SIGTERM, seconds /healthz answers 503 while open streams "
+                                                  "finish, before the rest are ended"),
     replicas: int = typer.Option(0, help="run on Ray Serve with this many replicas (one per device); 0: plain uvicorn"),
     log_level: str = typer.Option("info", help="logging level"),
 ) -> None:
@@ -52,8 +63,11 @@ def serve(
         raise typer.Exit(2)
     try:
         config = ServeConfig(engine=engine, host=host, port=port, max_streams=max_streams, max_queue=max_queue,
-                             token=token, threads=threads, max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                             max_audio_seconds=max_audio_seconds)
+                             max_connections=max_connections, token=token,
+                             allow_origins=tuple(allow_origin) if allow_origin else None, threads=threads,
+                             max_upload_bytes=int(max_upload_mb * (1 << 20)), max_audio_seconds=max_audio_seconds,
+                             start_timeout_s=start_timeout, idle_timeout_s=idle_timeout,
+                             max_stream_seconds=max_stream_seconds, drain_s=drain_seconds)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,15 +76,28 @@ def serve(
 
         run(config, replicas=replicas)
         return
+    from .server import BindError, DrainingServer, bind
+
+    try:
+        sock = bind(host, port)  # before the engine loads (and torch imports): a busy port fails at once
+    except BindError as e:
+        sys.stderr.write(f"dh-serve: error: {e}\n")
+        raise typer.Exit(2) from None
     import uvicorn
 
     from .app import create_app
 
+    app_ = create_app(config)
+    server = DrainingServer(uvicorn.Config(app_, log_level=log_level, timeout_graceful_shutdown=5,
+                                           ws_max_size=config.max_upload_bytes + (1 << 16)), app_.state.worker)
     try:
-        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                    ws_max_size=config.max_upload_bytes + (1 << 16))
+        server.run(sockets=[sock])
     except Interrupted as e:  # uvicorn shut down gracefully, then re-raised the signal it caught: a clean stop
         logging.getLogger("dheads.serve").info("stopped (%s)", e)
+    error = app_.state.worker.load_error
+    if error is not None:
+        sys.stderr.write(f"dh-serve: error: {' '.join(str(error).split())}\n")
+        raise typer.Exit(2)
 
 
 def main() -> None:

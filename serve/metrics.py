@@ -18,7 +18,9 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.streams_active = Gauge("dh_streams_active", "streams in the batch now", registry=r)
-        self.queue_depth = Gauge("dh_queue_depth", "streams waiting for a batch slot", registry=r)
+        self.queue_depth = Gauge("dh_queue_depth", "streams preparing or waiting for a batch slot", registry=r)
+        self.preparing = Gauge("dh_streams_preparing", "of those, streams still uploading or being prepared",
+                               registry=r)
         self.streams = Counter("dh_streams", "streams started, by how they ended", ["result"], registry=r)
         self.frames = Counter("dh_frames", "frames made, all streams", registry=r)
         self.unet_calls = Counter("dh_unet_calls", "batched denoiser calls", registry=r)

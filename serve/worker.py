@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -26,14 +27,17 @@ import torch
 
 from dheads.engine.audio import SAMPLE_RATE, check_silence, load_audio
 from dheads.engine.batcher import Batcher, Frame, Stream
-from dheads.engine.config import SamplerConfig
+from dheads.engine.config import SPACINGS, SamplerConfig
 from dheads.engine.errors import USER_ERRORS
-from dheads.engine.image import load_face
+from dheads.engine.image import ImageTooLarge, load_face
+from dheads.engine.noise import MAX_SEED
 from dheads.engine.pipeline import TalkingHead
+from dheads.engine.plan import choose_sampler
 from dheads.engine.video import write_mp4
 
 from .config import ServeConfig
 from .metrics import Metrics
+from .protocol import as_int, as_str
 from .uploads import LimitError, RequestError, Upload
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,15 @@ class ClientError(ValueError):
         self.status = status
 
 
-class ShuttingDown(RuntimeError):
-    pass
+class ShuttingDown(ClientError):
+    """The server is draining or stopping: 503 over HTTP, close 1012 over WebSocket."""
+
+    def __init__(self, message: str = "server is shutting down"):
+        super().__init__(message, 503)
+
+
+class ClientGone(Exception):
+    """The client of an HTTP render disconnected: its stream is cancelled."""
 
 
 @dataclass(frozen=True)
@@ -60,22 +71,23 @@ class StreamOptions:
     seed: int = 0
 
 
-def stream_options(head: TalkingHead, config: ServeConfig, *, steps: int | None = None, sampler: str | None = None,
-                   seed: int | None = None) -> StreamOptions:
-    """A client's ``steps``/``sampler``/``seed`` over the engine's defaults, checked (ClientError)."""
-    base = head.default_sampler
+SAMPLING_FIELDS = ("sampler", "steps", "spacing", "frame_noise", "seed")
+
+
+def stream_options(head: TalkingHead, config: ServeConfig, *, steps=None, sampler=None, seed=None, spacing=None,
+                   frame_noise=None) -> StreamOptions:
+    """A client's fields over the engine's default sampling, merged as dh-run merges its flags
+    (``plan.choose_sampler``): a client that sends none gets exactly what dh-run makes. RequestError (400)."""
+    steps = as_int("steps", steps, 1, config.max_steps)
+    seed = as_int("seed", seed, 0, MAX_SEED) or 0
     try:
-        steps = base.steps if steps in (None, "") else int(steps)
-        seed = 0 if seed in (None, "") else int(seed)
-        if not 1 <= steps <= config.max_steps:
-            raise ValueError(f"steps must be in 1..{config.max_steps} on this server, got {steps}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        cfg = SamplerConfig(name=sampler or base.name, steps=steps, eta=base.eta)
-        if steps > head.info.diffusion.num_timesteps:
-            raise ValueError(f"steps must be in 1..{head.info.diffusion.num_timesteps} for this model")
-    except (TypeError, ValueError) as e:
-        raise ClientError(str(e).replace("invalid literal for int() with base 10", "not an integer")) from None
+        cfg = choose_sampler(head.info.diffusion, head.default_sampler, name=as_str("sampler", sampler), steps=steps,
+                             spacing=as_str("spacing", spacing, SPACINGS),
+                             frame_noise=as_str("frame_noise", frame_noise))
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(" ".join(str(e).split())) from None
     return StreamOptions(cfg, seed)
 
 
@@ -155,6 +167,10 @@ class EngineWorker:
         self._live: list[Session] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.draining = False
+        self.load_error: BaseException | None = None  # set when a background load failed
+        self.open_requests = 0  # renders and streams from their first message to their end
+        self._preparing = 0  # of those, the ones not yet submitted: they count in the queue
         self.videos: collections.OrderedDict[str, Path] = collections.OrderedDict()
         self.video_dir = Path(tempfile.mkdtemp(prefix="dh-serve-videos-"))
 
@@ -167,9 +183,80 @@ class EngineWorker:
         self._thread.start()
         log.info("engine ready: %s", self.config.engine or "bundled demo model")
 
+    def start_in_background(self) -> threading.Thread:
+        """Load the engine on a thread (the port is already open: /healthz answers 503 "loading" until it is
+        ready); a failure lands in ``load_error``."""
+        def load():
+            try:
+                self.start()
+            except BaseException as e:  # noqa: BLE001 - reported by the server, which then exits
+                self.load_error = e
+
+        t = threading.Thread(target=load, name="dh-load", daemon=True)
+        t.start()
+        return t
+
     @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def stopping(self) -> bool:
+        """Draining or stopped: /healthz answers 503 "draining"."""
+        return self.draining or self._stopping
+
+    def begin_drain(self) -> None:
+        """Stop taking new requests (503; /healthz 503 "draining"); streams already in go on."""
+        self.draining = True
+        log.info("draining: new requests get 503; %d open", self.open_requests)
+
+    @contextlib.contextmanager
+    def request(self):
+        """One render or stream, from its first message to its end: refused (503) while the engine loads,
+        while draining, or past ``max_connections`` open at once."""
+        with self._cond:
+            if self.draining or self._stopping:
+                raise ShuttingDown()
+            if not self.ready:
+                raise ClientError("engine is loading; try again shortly", 503)
+            if self.open_requests >= self.config.max_connections:
+                raise ClientError(f"server busy: {self.open_requests} streams open, at most "
+                                  f"{self.config.max_connections}", 503)
+            self.open_requests += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.open_requests -= 1
+
+    @contextlib.contextmanager
+    def preparing(self):
+        """A request being uploaded and prepared (face crop, audio decode + encode): it counts in the queue
+        (``max_queue``) until it is submitted, so a flood of new streams gets 503 rather than a long wait."""
+        with self._cond:
+            backlog = self._preparing + len(self._waiting)
+            if backlog >= self.config.max_queue:
+                raise ClientError(f"server busy: {backlog} streams already waiting", 503)
+            self._preparing += 1
+            self._queue_metrics()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._queue_metrics()
+
+    def _queue_metrics(self) -> None:
+        self.metrics.queue_depth.set(self._preparing + len(self._waiting))
+        self.metrics.preparing.set(self._preparing)
+
+    def end_sessions(self, error: BaseException) -> None:
+        """End every waiting and live session with ``error`` (each client is told in one line)."""
+        with self._cond:
+            for s in [*self._waiting, *self._live]:
+                s.finish(error)
+                s.cancelled = True
+            self._cond.notify_all()
 
     def stop(self) -> None:
         """Stop admitting, end every session with an error, and join the batching thread."""
@@ -180,7 +267,7 @@ class EngineWorker:
             self._thread.join(timeout=30)
         with self._cond:
             for s in [*self._waiting, *self._live]:
-                s.finish(ShuttingDown("server is shutting down"))
+                s.finish(ShuttingDown())
             self._waiting.clear()
             self._live.clear()
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -198,7 +285,7 @@ class EngineWorker:
         try:
             return load_face(face.path, crop="auto", size=self.head.info.model.image_size)
         except USER_ERRORS as e:
-            raise ClientError(face.explain(e)) from None
+            raise ClientError(face.explain(e), 413 if isinstance(e, ImageTooLarge) else 400) from None
 
     def load_speech(self, audio: Upload) -> tuple[np.ndarray, torch.Tensor]:
         """A whole audio upload -> (16 kHz samples, embeddings), with dh-run's checks and the length cap."""
@@ -229,18 +316,16 @@ class EngineWorker:
     def submit(self, session: Session) -> None:
         """Queue a session; it joins the batch at the next frame boundary with a free slot."""
         with self._cond:
-            if self._stopping:
-                raise ClientError("server is shutting down", 503)
-            if len(self._waiting) >= self.config.max_queue:
-                raise ClientError(f"server busy: {len(self._waiting)} streams already waiting", 503)
-            self._waiting.append(session)
-            self.metrics.queue_depth.set(len(self._waiting))
+            if self._stopping or self.draining:
+                raise ShuttingDown()
+            self._waiting.append(session)  # its place was taken by ``preparing``
+            self._queue_metrics()
             self._cond.notify_all()
 
     def _admit(self) -> None:
         while self._waiting and len(self._live) < self.config.max_streams:
             self._live.append(self._waiting.popleft())
-        self.metrics.queue_depth.set(len(self._waiting))
+        self._queue_metrics()
         self.metrics.streams_active.set(len(self._live))
 
     def _retire(self) -> None:
@@ -299,5 +384,5 @@ class EngineWorker:
         return path
 
 
-__all__ = ["ClientError", "EngineWorker", "LimitError", "RequestError", "Session", "ShuttingDown", "StreamOptions",
+__all__ = ["ClientError", "ClientGone", "EngineWorker", "LimitError", "RequestError", "Session", "ShuttingDown", "StreamOptions",
            "stream_options"]

@@ -30,14 +30,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(worker, config):
-    """Serve ``create_app(config, worker)`` on 127.0.0.1 until the block ends; yields the base URL."""
+def serving(worker, config, log_level="warning"):
+    """Serve ``create_app(config, worker)`` on 127.0.0.1 until the block ends; yields (base URL, the server).
+    ``worker`` None: the app's own, loading its engine in the background (the server is up before it is)."""
     import uvicorn
 
     from dheads.serve.app import create_app
+    from dheads.serve.server import DrainingServer
 
-    server = uvicorn.Server(uvicorn.Config(create_app(config, worker), host="127.0.0.1", port=config.port,
-                                           log_level="warning", ws_max_size=config.max_upload_bytes + 65536))
+    app = create_app(config, worker)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level=log_level,
+                                           ws_max_size=config.max_upload_bytes + 65536), app.state.worker)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -46,10 +49,17 @@ def running_server(worker, config):
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://127.0.0.1:{config.port}", server
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def running_server(worker, config):
+    """Serve ``create_app(config, worker)`` on 127.0.0.1 until the block ends; yields the base URL."""
+    with serving(worker, config) as (url, _server):
+        yield url
 
 
 def frame_bytes(rgb: np.ndarray) -> bytes:

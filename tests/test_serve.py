@@ -6,6 +6,7 @@ Streams are short (0.3 s of speech = 7 frames, 2 DDIM steps) so the file runs in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -127,7 +128,7 @@ def test_render_returns_mp4(url, wav):
     ({"face": "FACE", "audio": ("talk.wav", b"RIFF garbage")}, {},
      "talk.wav: not a readable audio or video file (Invalid data found when processing input); give "
      "wav/flac/mp3/ogg/m4a or a video with sound"),
-    ({"face": "FACE", "audio": "WAV"}, {"steps": "abc"}, "not an integer: 'abc'"),
+    ({"face": "FACE", "audio": "WAV"}, {"steps": "abc"}, "steps must be an integer in 1..100, got 'abc'"),
     ({"face": "FACE", "audio": "WAV"}, {"sampler": "euler"},
      "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
     ({"audio": "WAV"}, {}, "missing the 'face' file part"),
@@ -160,7 +161,8 @@ def test_two_clients_get_their_own_frames(worker, url, wav, tmp_path):
                                     ws_run(url, flipped.read_bytes(), wav.read_bytes(), start={"seed": 2}))
 
     (m1, f1, a1), (m2, f2, a2) = asyncio.run(both())
-    sampler = SamplerConfig(name="ddim", steps=2)
+    # the client's sampler and steps over the engine's recorded spacing and frame noise, as dh-run merges them
+    sampler = dataclasses.replace(worker.head.default_sampler, name="ddim", steps=2)
     ref1, ref2 = lone_frames(worker, FACE, wav, sampler, 1), lone_frames(worker, flipped, wav, sampler, 2)
     assert np.abs(f1.astype(int) - ref1).max() <= 1 and np.abs(f2.astype(int) - ref2).max() <= 1
     assert np.abs(f1.astype(int) - f2.astype(int)).max() > 10  # the two streams really differ
@@ -218,17 +220,21 @@ def test_token_and_limits(worker, wav, tmp_path):
             files = {"face": ("f.png", FACE.read_bytes()), "audio": ("s.wav", wav.read_bytes())}
             r = httpx.post(u + "/v1/render", files=files, data=OPTS)
             assert r.status_code == 401 and r.json()["error"].startswith("missing or wrong token")
-            r = httpx.post(u + "/v1/render?token=s3cret", files=files, data=OPTS)
+            r = httpx.post(u + "/v1/render?token=s3cret", files=files, data=OPTS)  # the query form is gone
+            assert r.status_code == 401
+            auth = {"Authorization": "Bearer s3cret"}
+            r = httpx.post(u + "/v1/render", files=files, data=OPTS, headers=auth)
             assert r.status_code == 413 and r.json() == {"error": "audio is 0.3 s; this server takes at most 0.2 s"}
             big = {"face": ("f.png", b"\x89PNG\r\n\x1a\n" + bytes(300_000)), "audio": ("s.wav", wav.read_bytes())}
-            r = httpx.post(u + "/v1/render?token=s3cret", files=big, data=OPTS)
+            r = httpx.post(u + "/v1/render", files=big, data=OPTS, headers=auth)
             assert r.status_code == 413 and r.json() == {"error": "face: upload is over 200000 bytes, this server's limit"}
             huge = {"face": ("f.png", bytes(500_000)), "audio": ("s.wav", wav.read_bytes())}
-            r = httpx.post(u + "/v1/render?token=s3cret", files=huge, data=OPTS)
+            r = httpx.post(u + "/v1/render", files=huge, data=OPTS, headers=auth)
             assert r.status_code == 413 and r.json()["error"].startswith("request body is ")
             assert r.json()["error"].endswith("bytes; this server takes at most 465536")
             msgs, _, _ = asyncio.run(ws_run(u, FACE.read_bytes(), wav.read_bytes()))
-            assert msgs == [{"type": "error", "error": "missing or wrong token (add ?token=<token>)"}]
+            assert msgs == [{"type": "error", "error": "missing or wrong token (send Authorization: Bearer <token>, "
+                                                       "or ?ticket= from POST /v1/ticket)"}]
     finally:
         strict.stop()
 

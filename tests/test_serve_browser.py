@@ -43,12 +43,11 @@ def browser():
 
 
 def last_frame(worker, wav):
-    """The stream's last frame as the batcher makes it alone (the page asks for seed 0)."""
+    """The stream's last frame as the batcher makes it alone (the page asks for seed 0 and the engine's sampling)."""
     from dheads.engine.batcher import Batcher
-    from dheads.engine.config import SamplerConfig
 
     inputs = worker.head.prepare(FACE, wav)
-    s = worker.new_stream(inputs.identity, type("O", (), {"sampler": SamplerConfig(name="ddim", steps=3), "seed": 0})(),
+    s = worker.new_stream(inputs.identity, type("O", (), {"sampler": worker.head.default_sampler, "seed": 0})(),
                           inputs.audio_emb, True)
     b, frames = Batcher(worker.head.denoiser), []
     while not s.done:
@@ -61,10 +60,10 @@ def last_frame(worker, wav):
 
 def test_page_streams_frames_into_the_canvas(browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     wav = short_speech(tmp_path / "speech.wav", 0.3)
-    cfg = ServeConfig(port=free_port(), threads=1)
+    cfg = ServeConfig(port=free_port(), threads=1, token="s3cret")  # the page fetches a WebSocket ticket
     worker = EngineWorker(cfg)
     worker.start()
     try:
@@ -72,8 +71,7 @@ def test_page_streams_frames_into_the_canvas(browser, tmp_path):
             browser.get(url + "/")
             browser.find_element(By.ID, "face").send_keys(str(FACE))
             browser.find_element(By.ID, "audio").send_keys(str(wav))
-            browser.find_element(By.ID, "steps").send_keys("3")
-            Select(browser.find_element(By.ID, "sampler")).select_by_visible_text("ddim")
+            browser.find_element(By.ID, "token").send_keys("s3cret")  # sampler and steps: the engine's
             browser.find_element(By.ID, "start").click()
             status = browser.find_element(By.ID, "status")
             WebDriverWait(browser, 60).until(lambda d: status.text.startswith(("done", "connection")) or

@@ -1,0 +1,475 @@
+"""dh-serve as a deploying team meets it (issue 30), on a real uvicorn on 127.0.0.1: the engine's default
+sampling (the frames dh-run makes), hostile JSON and fields, one error shape, token header and tickets, the
+origin check, the pixel budget, timeouts, queue and connection caps, a render whose client leaves, the
+drain, the loading state and a busy port. Streams are 0.3 s of speech (7 frames) on the shipped demo model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+websockets = pytest.importorskip("websockets")
+
+from dheads.engine.cli import _sampler_config
+from dheads.serve.config import ServeConfig
+from dheads.serve.worker import EngineWorker
+
+from _serve import FACE, free_port, running_server, serving, short_speech
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EngineWorker(ServeConfig(port=free_port(), threads=1, max_streams=4))
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def url(worker):
+    with running_server(worker, worker.config) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory):
+    return short_speech(tmp_path_factory.mktemp("prod") / "speech.wav", 0.3)
+
+
+@contextlib.contextmanager
+def server_with(worker, log_level="warning", **changes):
+    """A second server over the same loaded engine, with ``changes`` to its config; yields (url, server)."""
+    cfg = dataclasses.replace(worker.config, port=free_port(), **changes)
+    w = EngineWorker(cfg, head=worker.head)
+    w.start()
+    try:
+        with serving(w, cfg, log_level=log_level) as (u, server):
+            yield u, server
+    finally:
+        w.stop()
+
+
+def ws_url(url: str, query: str = "") -> str:
+    return url.replace("http://", "ws://") + "/v1/stream" + query
+
+
+async def exchange(url, messages, *, query="", headers=None, read=True, gap=0.0):
+    """Send ``messages`` (str: text, bytes: binary), then read to the close: (JSON messages, frames, close code)."""
+    msgs, frames = [], []
+    async with websockets.connect(ws_url(url, query), max_size=None, additional_headers=headers) as c:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for m in messages:
+                await c.send(m)
+                if gap:
+                    await asyncio.sleep(gap)
+        header = None
+        while read:
+            try:
+                m = await asyncio.wait_for(c.recv(), 60)
+            except websockets.ConnectionClosed:
+                break
+            if isinstance(m, str):
+                header = json.loads(m)
+                msgs.append(header)
+            else:
+                n = header["image_bytes"]
+                frames.append(np.frombuffer(m[:n], np.uint8).reshape(header["height"], header["width"], 3))
+        code = c.close_code
+    return msgs, (np.stack(frames) if frames else None), code
+
+
+def start_msg(**fields) -> str:
+    return json.dumps({"type": "start", "format": "rgb", **fields})
+
+
+def stream(url, wav, **fields):
+    return asyncio.run(exchange(url, [start_msg(**fields), FACE.read_bytes(), wav.read_bytes()]))
+
+
+def decoded(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def render(url, wav, data=None, headers=None, face=None, timeout=120):
+    files = {"face": ("f.png", face or FACE.read_bytes()), "audio": ("s.wav", wav.read_bytes())}
+    return httpx.post(url + "/v1/render", files=files, data=data or {}, headers=headers, timeout=timeout)
+
+
+def metric(w: EngineWorker, name: str, **labels) -> float:
+    return w.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+# --- 1. a client that chooses nothing gets what dh-run makes -------------------------------------------------
+
+
+def test_default_sampling_is_dh_runs_in_library_render_and_stream(worker, url, wav, tmp_path):
+    head = worker.head
+    cli_default = _sampler_config(None, None, 0.0, "float64", 0, None, head)  # dh-run with no sampling flags
+    assert cli_default == head.default_sampler
+    health = httpx.get(url + "/healthz").json()
+    assert health["sampling"] == head.default_sampler.to_dict()  # spacing, frame noise, warm steps: all of it
+    library = np.stack(list(head.frames(head.prepare(FACE, wav), seed=3)))
+
+    msgs, frames, code = stream(url, wav, seed=3)
+    assert code == 1000 and msgs[0]["sampling"] == head.default_sampler.to_dict()
+    assert frames.shape == library.shape == (7, 64, 64, 3) and np.array_equal(frames, library)
+
+    head.render(FACE, wav, tmp_path / "dh_run.mp4", sampler=cli_default, seed=3)
+    r = render(url, wav, {"seed": "3"})
+    assert r.status_code == 200 and np.array_equal(decoded(r.content), decoded((tmp_path / "dh_run.mp4").read_bytes()))
+
+
+def test_a_client_choice_goes_over_the_engine_default_as_dh_runs_flags_do(worker, url, wav):
+    head = worker.head
+    want = _sampler_config("ddim", 2, 0.0, "float64", 0, None, head)  # dh-run --sampler ddim --steps 2
+    assert want == dataclasses.replace(head.default_sampler, name="ddim", steps=2)
+    msgs, frames, code = stream(url, wav, sampler="ddim", steps=2, seed=1)
+    assert code == 1000 and msgs[0]["sampling"] == want.to_dict()
+    assert np.array_equal(frames, np.stack(list(head.frames(head.prepare(FACE, wav), sampler=want, seed=1))))
+
+
+# --- 2. hostile JSON and fields: 400 / close 1008 with one JSON line ----------------------------------------
+
+DIGITS = "7" * 5000
+SHOWN = "'" + "7" * 36 + "..."  # a value in a message: its repr cut to 40 characters
+HOSTILE_WS = [
+    ('{"type": "start", "steps": Infinity}', "JSON must not contain Infinity (not a JSON number)"),
+    ('{"type": "start", "seed": NaN}', "JSON must not contain NaN (not a JSON number)"),
+    ('{"type": "start", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "JSON message of 200024 characters; this server takes at most 16384"),
+    ('{"type": "start", "x": ' + "[" * 5000 + "]" * 5000 + "}", "JSON message nested too deeply"),
+    ('{"type": "start", "steps": true}', "steps must be an integer in 1..100, got True"),
+    ('{"type": "start", "seed": 1.5}', "seed must be an integer in 0..18446744073709551615, got 1.5"),
+    ('{"type": "start", "seed": %s}' % DIGITS, "JSON number of 5000 digits; numbers here have at most 25"),
+    ('{"type": "start", "seed": "%s"}' % DIGITS, "seed must be an integer in 0..18446744073709551615, got " + SHOWN),
+    ('{"type": "start", "seed": -1}', "seed must be in 0..18446744073709551615, got -1"),
+    ('{"type": "start", "steps": 101}', "steps must be in 1..100, got 101"),
+    ('{"type": "start", "face_name": {"a": 1}}', "face_name must be a string, got {'a': 1}"),
+    ('{"type": "start", "mp4": "yes"}', "mp4 must be true or false, got 'yes'"),
+    ('{"type": "start", "spacing": "wobbly"}', "spacing must be one of uniform, karras, trailing, got 'wobbly'"),
+    ('{"type": "start", "frame_noise": "2"}', "frame noise must be one of fresh, repeat or a correlation between 0 "
+                                              "and 1 (e.g. 0.8), got '2'"),
+    ('{"type": "start", "bogus": 1}', "unknown start field 'bogus'; known: type, format, audio, sampler, steps, "
+                                      "spacing, frame_noise, seed, sample_rate, mp4, face_name, audio_name"),
+    ('["start"]', 'expected a JSON text message {"type": "start", ...}'),
+]
+
+
+@pytest.mark.parametrize("text,error", HOSTILE_WS, ids=range(len(HOSTILE_WS)))
+def test_hostile_start_message_is_a_1008_json_error(url, text, error):
+    msgs, _, code = asyncio.run(exchange(url, [text]))
+    assert (msgs, code) == ([{"type": "error", "error": error}], 1008)
+
+
+@pytest.mark.parametrize("data,error", [
+    ({"steps": "true"}, "steps must be an integer in 1..100, got 'true'"),
+    ({"seed": "1.5"}, "seed must be an integer in 0..18446744073709551615, got '1.5'"),
+    ({"seed": DIGITS}, "seed must be an integer in 0..18446744073709551615, got " + SHOWN),
+    ({"steps": "0"}, "steps must be in 1..100, got 0"),
+])
+def test_hostile_form_fields_are_a_400_json_error(url, wav, data, error):
+    r = render(url, wav, data)
+    assert (r.status_code, r.json()) == (400, {"error": error})
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_every_http_error_has_the_one_json_shape(url):
+    assert (lambda r: (r.status_code, r.json()))(httpx.get(url + "/nope")) == (404, {"error": "Not Found"})
+    r = httpx.get(url + "/v1/render")
+    assert (r.status_code, r.json()) == (405, {"error": "Method Not Allowed"})
+    r = httpx.post(url + "/v1/render", files={"face": ("a" * 5000 + ".png", b"\x89PNG")})  # a 5 KB header line
+    assert (r.status_code, r.json()) == (400, {"error": "Invalid multipart data."})
+    r = httpx.post(url + "/v1/render", files={"steps": ("x", b"2")})
+    assert (r.status_code, r.json()) == (400, {"error": "steps: Input should be a valid string"})
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(worker, wav):
+    with server_with(worker, max_upload_bytes=100_000) as (u, _):
+        limit = 2 * 100_000 + 65536
+        port = int(u.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/render HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                      b"Content-Type: multipart/form-data; boundary=x\r\n\r\n")
+            part = b'--x\r\nContent-Disposition: form-data; name="face"; filename="f.png"\r\n\r\n'
+            s.sendall(b"%x\r\n%s\r\n" % (len(part), part))  # one file part that never ends
+            chunk, sent = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536), len(part)
+            while sent < 50 << 20 and not select.select([s], [], [], 0)[0]:  # until the server answers
+                with contextlib.suppress(OSError):
+                    s.sendall(chunk)
+                sent += 65536
+            reply = s.recv(65536).decode("latin-1")
+        assert reply.startswith("HTTP/1.1 413")
+        assert reply.endswith('{"error":"request body is over %d bytes; this server takes at most %d"}' % (limit, limit))
+        assert sent < limit + (8 << 20)  # read up to the limit (plus socket buffers), not to the end
+        assert httpx.get(u + "/healthz").status_code == 200
+
+
+# --- 3. token in a header, tickets for a browser's WebSocket, never in the log; the origin check ------------
+
+
+def test_token_header_ticket_and_no_secret_in_the_access_log(worker, wav):
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    with server_with(worker, log_level="info", token="s3cret") as (u, _):
+        access = logging.getLogger("uvicorn.access")
+        access.addHandler(handler)
+        try:
+            auth = {"Authorization": "Bearer s3cret"}
+            assert httpx.get(u + "/metrics", headers=auth).status_code == 200
+            assert httpx.get(u + "/metrics?token=s3cret").status_code == 401
+            assert httpx.post(u + "/v1/ticket").status_code == 401
+            ticket = httpx.post(u + "/v1/ticket", headers=auth).json()
+            assert ticket["expires_in"] == 30.0
+            query = f"?ticket={ticket['ticket']}"
+            msgs, frames, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes()], query=query))
+            assert code == 1000 and frames.shape[0] == 7
+            msgs, _, code = asyncio.run(exchange(u, [start_msg()], query=query))  # a ticket works once
+            assert code == 1008 and msgs[0]["error"].startswith("missing or wrong token")
+            msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes()], headers=auth))
+            assert code == 1000 and msgs[-1]["type"] == "done"
+        finally:
+            access.removeHandler(handler)
+    assert any("/metrics?token=<redacted>" in line for line in lines), lines
+    assert not any("s3cret" in line or ticket["ticket"] in line for line in lines)
+
+
+def test_origin_is_checked_cross_origin_denied_with_a_token(worker, wav):
+    evil = {"Origin": "http://evil.example"}
+    with server_with(worker, token="s3cret") as (u, _):
+        auth = {"Authorization": "Bearer s3cret"}
+        msgs, _, code = asyncio.run(exchange(u, [start_msg()], headers={**auth, **evil}))
+        assert (msgs, code) == ([{"type": "error", "error": "origin http://evil.example is not allowed here "
+                                                             "(dh-serve --allow-origin)"}], 1008)
+        r = httpx.post(u + "/v1/ticket", headers={**auth, **evil})
+        assert (r.status_code, r.json()["error"]) == (403, "origin http://evil.example is not allowed here (dh-serve "
+                                                           "--allow-origin)")
+        own = {"Origin": u}  # the page the server itself serves
+        assert httpx.post(u + "/v1/ticket", headers={**auth, **own}).status_code == 200
+    with server_with(worker, token="s3cret", allow_origins=("http://good.example",)) as (u, _):
+        pre = httpx.options(u + "/v1/ticket", headers={"Origin": "http://good.example",
+                                                       "Access-Control-Request-Method": "POST",
+                                                       "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://good.example"
+        r = httpx.post(u + "/v1/ticket", headers={"Authorization": "Bearer s3cret", "Origin": "http://good.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+        assert httpx.post(u + "/v1/ticket", headers={"Authorization": "Bearer s3cret", **evil}).status_code == 403
+    with server_with(worker) as (u, _):  # no token, no --allow-origin: any origin, as before
+        msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes()], headers=evil))
+        assert code == 1000
+
+
+# --- 4. the pixel budget, from the header, before decoding ----------------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` (its IHDR) and holds a few bytes of pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(4096))) + chunk(b"IEND", b"")
+
+
+HUGE = "big.png is 30000x30000 pixels; a face image may have at most 50 MP and 16384 px a side (scale it down)"
+
+
+def test_pixel_budget_in_dh_run(tmp_path, wav):
+    from typer.testing import CliRunner
+
+    from dheads.engine.cli import app
+    from dheads.engine.image import ImageTooLarge, read_rgb
+
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(30000, 30000))
+    res = CliRunner().invoke(app, [str(big), str(wav), "-o", str(tmp_path / "o.mp4")])
+    assert res.exit_code == 2 and res.output.strip().endswith(HUGE)
+    with av.open(str(tmp_path / "wide.mkv"), "w") as c:  # a video whose frames are over the budget: refused
+        s = c.add_stream("mjpeg", rate=25)               # from its stream header (not a picture format)
+        s.width, s.height, s.pix_fmt = 16400, 16, "yuvj420p"
+        for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16400, 3), np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with pytest.raises(ImageTooLarge, match="wide.mkv is 16400x16 pixels"):
+        read_rgb(tmp_path / "wide.mkv")
+
+
+def test_pixel_budget_in_dh_serve_leaves_no_files(worker, url, wav, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the server's upload folders land here
+    big = png_header(30000, 30000)
+    files = {"face": ("big.png", big), "audio": ("s.wav", wav.read_bytes())}
+    r = httpx.post(url + "/v1/render", files=files, timeout=60)
+    assert (r.status_code, r.json()) == (413, {"error": HUGE})
+    msgs, _, code = asyncio.run(exchange(url, [start_msg(face_name="big.png"), big, wav.read_bytes()]))
+    assert (msgs, code) == ([{"type": "error", "error": HUGE}], 1009)
+    assert list(tmp_path.iterdir()) == [] and httpx.get(url + "/healthz").status_code == 200
+
+
+# --- 5. timeouts, caps, a client that leaves, the drain, loading, a busy port ----------------------------------
+
+
+def test_each_phase_of_a_stream_has_a_timeout(worker, wav):
+    pcm = (sf.read(str(wav), dtype="int16")[0]).tobytes()
+    with server_with(worker, start_timeout_s=0.5, idle_timeout_s=0.5, max_stream_seconds=2.0) as (u, _):
+        t0 = time.monotonic()
+        msgs, _, code = asyncio.run(exchange(u, []))
+        assert (msgs, code) == ([{"type": "error", "error": 'no {"type": "start"} message within 0.5 s; closing'}], 1008)
+        msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes()]))  # a face and never audio
+        assert (msgs, code) == ([{"type": "error", "error": "no audio file within 0.5 s; closing"}], 1008)
+        msgs, _, code = asyncio.run(exchange(u, [start_msg(audio="pcm"), FACE.read_bytes(), pcm[:3200]]))
+        assert (msgs[-1], code) == ({"type": "error", "error": "no audio within 0.5 s; closing"}, 1008)
+        assert time.monotonic() - t0 < 15
+        # audio that keeps coming, slowly, past the longest a stream may take
+        msgs, _, code = asyncio.run(exchange(u, [start_msg(audio="pcm"), FACE.read_bytes(), *[pcm[:640]] * 40],
+                                             gap=0.1))
+        assert (msgs[-1], code) == ({"type": "error", "error": "stream took over 2 s, this server's limit"}, 1008)
+
+
+async def held_stream(url, ready: asyncio.Event, release: asyncio.Event):
+    """A client that sends its start and face, then holds its place until ``release``."""
+    async with websockets.connect(ws_url(url), max_size=None) as c:
+        await c.send(start_msg())
+        await c.send(FACE.read_bytes())
+        ready.set()
+        await release.wait()
+
+
+def test_queue_counts_preparation_and_connections_are_capped(worker, wav):
+    async def second_while_first_holds(u, check):
+        ready, release = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(held_stream(u, ready, release))
+        await asyncio.wait_for(ready.wait(), 10)
+        await asyncio.sleep(0.3)  # the face is being prepared or waits for its audio: the stream is in the queue
+        try:
+            return await check(u)
+        finally:
+            release.set()
+            await first
+
+    async def ws_then_http(u):
+        msgs, _, code = await exchange(u, [start_msg()])
+        r = await asyncio.to_thread(render, u, wav)
+        return msgs, code, r.status_code, r.json()
+
+    with server_with(worker, max_queue=1) as (u, server):
+        msgs, code, status, body = asyncio.run(second_while_first_holds(u, ws_then_http))
+        assert (msgs, code) == ([{"type": "error", "error": "server busy: 1 streams already waiting"}], 1013)
+        assert (status, body) == (503, {"error": "server busy: 1 streams already waiting"})
+        assert metric(server.worker, "dh_queue_depth") == 0  # the place is given back
+    with server_with(worker, max_connections=1) as (u, _):
+        msgs, code, status, body = asyncio.run(second_while_first_holds(u, ws_then_http))
+        assert (msgs, code) == ([{"type": "error", "error": "server busy: 1 streams open, at most 1"}], 1013)
+        assert (status, body) == (503, {"error": "server busy: 1 streams open, at most 1"})
+
+
+def test_a_render_stops_when_its_client_leaves(worker, tmp_path):
+    long = short_speech(tmp_path / "long.wav", 3.0)  # 75 frames
+    with server_with(worker) as (u, server):
+        w = server.worker
+        req = httpx.Request("POST", u + "/v1/render", files={"face": ("f.png", FACE.read_bytes()),
+                                                             "audio": ("s.wav", long.read_bytes())})
+        body = req.read()
+        head = f"POST /v1/render HTTP/1.1\r\nHost: x\r\nContent-Type: {req.headers['content-type']}\r\n" \
+               f"Content-Length: {len(body)}\r\n\r\n".encode()
+        with socket.create_connection(("127.0.0.1", int(u.rsplit(":", 1)[1]))) as s:
+            s.sendall(head + body)
+            deadline = time.monotonic() + 60
+            while metric(w, "dh_frames_total") < 2:
+                assert time.monotonic() < deadline, "no frame was made"
+                time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while metric(w, "dh_streams_total", result="cancelled") < 1:
+            assert time.monotonic() < deadline, "the render went on after its client left"
+            time.sleep(0.05)
+        made = metric(w, "dh_frames_total")
+        time.sleep(0.5)
+        assert metric(w, "dh_frames_total") == made < 75 and w.open_requests == 0
+
+
+def test_drain_turns_health_503_then_ends_open_streams_with_json(worker, wav, tmp_path):
+    long = short_speech(tmp_path / "long.wav", 3.0)
+
+    async def run(u, server):
+        async with websockets.connect(ws_url(u), max_size=None) as c:
+            await c.send(start_msg())
+            await c.send(FACE.read_bytes())
+            await c.send(long.read_bytes())
+            assert json.loads(await c.recv())["type"] == "ready"
+            server.handle_exit(signal.SIGTERM, None)
+            health = await asyncio.to_thread(httpx.get, u + "/healthz")
+            refused = await asyncio.to_thread(render, u, wav)
+            last = None
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:  # frames go on until the drain is over
+                    m = await asyncio.wait_for(c.recv(), 30)
+                    last = json.loads(m) if isinstance(m, str) else last
+            return health, refused, last, c.close_code
+
+    with server_with(worker, drain_s=1.0) as (u, server):
+        t0 = time.monotonic()
+        health, refused, last, code = asyncio.run(run(u, server))
+        assert (health.status_code, health.json()) == (503, {"status": "draining"})
+        assert (refused.status_code, refused.json()) == (503, {"error": "server is shutting down"})
+        assert (last, code) == ({"type": "error", "error": "server is shutting down"}, 1012)
+        assert time.monotonic() - t0 < 10
+
+
+def test_health_says_loading_until_the_engine_is_ready(worker, wav, monkeypatch):
+    from dheads.engine.pipeline import TalkingHead
+
+    loaded = threading.Event()
+
+    def slow_open(*_a, **_k):
+        assert loaded.wait(20)
+        return worker.head
+
+    monkeypatch.setattr(TalkingHead, "open", slow_open)
+    cfg = dataclasses.replace(worker.config, port=free_port())
+    with serving(None, cfg) as (u, server):
+        r = httpx.get(u + "/healthz")
+        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        msgs, _, code = asyncio.run(exchange(u, [start_msg()]))
+        assert (msgs, code) == ([{"type": "error", "error": "engine is loading; try again shortly"}], 1013)
+        loaded.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(u + "/healthz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert render(u, wav).status_code == 200
+
+
+def test_a_busy_port_fails_before_the_engine_loads():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "dheads.serve.cli", "--port", str(port)], capture_output=True,
+                             text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"dh-serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert time.monotonic() - t0 < 8  # the engine takes seconds to load; the port check does not wait for it
