@@ -396,6 +396,7 @@ async def _stream(ws: WebSocket, worker: EngineWorker) -> None:
                                     "sample_rate": SAMPLE_RATE, "frames": session.stream.n_frames, "format": fmt,
                                     "sampler": opts.sampler.name, "steps": opts.sampler.steps,
                                     "sampling": opts.sampler.to_dict()})
+                session.on_queued = lambda p: ws.send_json({"type": "queued", "position": p})
                 worker.submit(session)
             n = 0
             while (frame := await session.next()) is not None:

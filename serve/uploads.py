@@ -8,14 +8,20 @@ with the temp path replaced by the client's (display-only, sanitised) file name.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+STALE_AFTER_S = 3600.0
+_OURS = re.compile(r"dh-serve-(?:videos-)?([0-9]+)-")
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"BM", ".bmp"), (b"GIF8", ".gif"))
 _SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
 
@@ -63,7 +69,7 @@ class UploadDir:
     """A temp directory for one request's files; removed by :meth:`close`."""
 
     def __init__(self, root: str | Path | None = None):
-        self.path = Path(tempfile.mkdtemp(prefix="dh-serve-", dir=root))
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=root))
 
     def save(self, kind: str, data: bytes, client_name: str | None, *, max_bytes: int) -> Upload:
         if kind not in ("face", "audio"):
@@ -84,6 +90,39 @@ class UploadDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def temp_prefix(kind: str = "") -> str:
+    """``dh-serve-[videos-]<pid>-``: a server's temp folders name its process, so ``remove_stale`` can tell
+    a dead server's folders from a live one's."""
+    return f"dh-serve-{kind}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale(root: str | Path | None = None, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove the temp folders of servers that died (a crash leaves its uploads and videos behind): those
+    named for a process that no longer runs and untouched for ``older_than_s``. Returns how many."""
+    removed = 0
+    for d in Path(root or tempfile.gettempdir()).glob("dh-serve-*"):
+        m = _OURS.match(d.name)
+        if m is None or not d.is_dir() or _alive(int(m[1])):
+            continue
+        if time.time() - d.stat().st_mtime < older_than_s:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d temp folder(s) left by a dh-serve that stopped", removed)
+    return removed
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

@@ -38,7 +38,7 @@ from dheads.engine.video import write_mp4
 from .config import ServeConfig
 from .metrics import Metrics
 from .protocol import as_int, as_str
-from .uploads import LimitError, RequestError, Upload
+from .uploads import LimitError, RequestError, Upload, remove_stale, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ class ShuttingDown(ClientError):
 
 class ClientGone(Exception):
     """The client of an HTTP render disconnected: its stream is cancelled."""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A session's place in the line for a batch slot (1: next), told to it whenever it changes."""
+
+    position: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class Session:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.kept: list[np.ndarray] | None = [] if keep_frames else None
         self.cancelled = False
+        self.position = 0  # in the line for a batch slot; 0: not waiting
+        self.on_queued = None  # async (position) -> None, awaited by ``next`` when the position changes
         self.submitted = time.perf_counter()
         self.first_frame_s: float | None = None
         self._pending = 0
@@ -128,8 +137,13 @@ class Session:
 
     # --- client side
     async def next(self) -> Frame | None:
-        """The next frame, or None when the stream is complete; raises the stream's error."""
+        """The next frame, or None when the stream is complete; raises the stream's error. A change of its place
+        in the line is handed to ``on_queued`` on the way."""
         item = await self.queue.get()
+        while isinstance(item, Queued):
+            if self.on_queued is not None:
+                await self.on_queued(item.position)
+            item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
         if item is not None:
@@ -172,7 +186,8 @@ class EngineWorker:
         self.open_requests = 0  # renders and streams from their first message to their end
         self._preparing = 0  # of those, the ones not yet submitted: they count in the queue
         self.videos: collections.OrderedDict[str, Path] = collections.OrderedDict()
-        self.video_dir = Path(tempfile.mkdtemp(prefix="dh-serve-videos-"))
+        remove_stale()
+        self.video_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("videos-")))
 
     # --- life cycle
     def start(self) -> None:
@@ -325,7 +340,15 @@ class EngineWorker:
     def _admit(self) -> None:
         while self._waiting and len(self._live) < self.config.max_streams:
             self._live.append(self._waiting.popleft())
+        self._tell_positions()
         self._queue_metrics()
+
+    def _tell_positions(self) -> None:
+        """After admitting (so a stream that gets a free slot at once is never told it waits)."""
+        for i, s in enumerate(self._waiting, 1):
+            if s.position != i:
+                s.position = i
+                s._put(Queued(i))
         self.metrics.streams_active.set(len(self._live))
 
     def _retire(self) -> None:

@@ -257,11 +257,11 @@ def test_backpressure_pauses_a_slow_reader(worker):
     asyncio.run(run())
 
 
-def test_sigterm_stops_cleanly(tmp_path):
+def test_sigterm_drains_then_stops_cleanly(tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dheads.serve.cli", "--port", str(port), "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "dheads.serve.cli", "--port", str(port), "--threads", "1",
+                             "--drain-seconds", "2"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -274,6 +274,8 @@ def test_sigterm_stops_cleanly(tmp_path):
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz")  # still serving, telling the balancer to go away
+        assert (r.status_code, r.json()) == (503, {"status": "draining"})
         assert proc.wait(30) == 0
         err = proc.stderr.read()
         assert "Traceback" not in err and "Shutting down" in err and "stopped (interrupted by SIGTERM)" in err

@@ -359,11 +359,14 @@ async def held_stream(url, ready: asyncio.Event, release: asyncio.Event):
 
 
 def test_queue_counts_preparation_and_connections_are_capped(worker, wav):
-    async def second_while_first_holds(u, check):
+    async def second_while_first_holds(u, w, check):
         ready, release = asyncio.Event(), asyncio.Event()
         first = asyncio.create_task(held_stream(u, ready, release))
         await asyncio.wait_for(ready.wait(), 10)
-        await asyncio.sleep(0.3)  # the face is being prepared or waits for its audio: the stream is in the queue
+        deadline = time.monotonic() + 10
+        while metric(w, "dh_streams_preparing") != 1:  # its face is prepared, it waits for audio: in the queue
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
         try:
             return await check(u)
         finally:
@@ -376,12 +379,15 @@ def test_queue_counts_preparation_and_connections_are_capped(worker, wav):
         return msgs, code, r.status_code, r.json()
 
     with server_with(worker, max_queue=1) as (u, server):
-        msgs, code, status, body = asyncio.run(second_while_first_holds(u, ws_then_http))
+        msgs, code, status, body = asyncio.run(second_while_first_holds(u, server.worker, ws_then_http))
         assert (msgs, code) == ([{"type": "error", "error": "server busy: 1 streams already waiting"}], 1013)
         assert (status, body) == (503, {"error": "server busy: 1 streams already waiting"})
-        assert metric(server.worker, "dh_queue_depth") == 0  # the place is given back
-    with server_with(worker, max_connections=1) as (u, _):
-        msgs, code, status, body = asyncio.run(second_while_first_holds(u, ws_then_http))
+        deadline = time.monotonic() + 5
+        while metric(server.worker, "dh_queue_depth") != 0:  # the first client left: its place is given back
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    with server_with(worker, max_connections=1) as (u, server):
+        msgs, code, status, body = asyncio.run(second_while_first_holds(u, server.worker, ws_then_http))
         assert (msgs, code) == ([{"type": "error", "error": "server busy: 1 streams open, at most 1"}], 1013)
         assert (status, body) == (503, {"error": "server busy: 1 streams open, at most 1"})
 
@@ -473,3 +479,49 @@ def test_a_busy_port_fails_before_the_engine_loads():
     assert res.returncode == 2
     assert res.stderr.strip() == f"dh-serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert time.monotonic() - t0 < 8  # the engine takes seconds to load; the port check does not wait for it
+
+
+def test_a_waiting_stream_is_told_its_place_in_line(worker, wav, tmp_path):
+    long = short_speech(tmp_path / "long.wav", 3.0)
+
+    async def run(u):
+        async with websockets.connect(ws_url(u), max_size=None) as first:
+            for m in (start_msg(), FACE.read_bytes(), long.read_bytes()):
+                await first.send(m)
+            assert json.loads(await first.recv())["type"] == "ready"
+            assert json.loads(await first.recv())["type"] == "frame"  # it holds the one batch slot
+            second = asyncio.create_task(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes()]))
+            deadline = time.monotonic() + 30
+            while not (server.worker._waiting and server.worker._waiting[0].position == 1):  # told it waits
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        return await asyncio.wait_for(second, 60)  # the first left: the second gets the slot
+
+    with server_with(worker, max_streams=1) as (u, server):
+        msgs, frames, code = asyncio.run(run(u))
+    assert msgs[0]["type"] == "ready" and msgs[1] == {"type": "queued", "position": 1}
+    assert msgs[2]["type"] == "frame" and msgs[-1] == {"type": "done", "frames": 7} and code == 1000
+
+
+def test_temp_folders_of_a_dead_server_are_removed_at_start(tmp_path, monkeypatch):
+    import os
+
+    from dheads.serve.uploads import UploadDir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = 4_999_999  # above Linux's largest pid: no process has it
+    old = [tmp_path / f"dh-serve-{dead}-a1", tmp_path / f"dh-serve-videos-{dead}-b2"]
+    kept = [tmp_path / f"dh-serve-{dead}-new", tmp_path / f"dh-serve-{os.getpid()}-live", tmp_path / "dh-serve-other"]
+    for d in old + kept:
+        d.mkdir()
+        (d / "face.png").write_bytes(b"x")
+    for d in old + kept[1:]:
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+    w = EngineWorker(ServeConfig(port=free_port()))  # removes them when it is made
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(d.name for d in kept), w.video_dir.name])
+        assert w.video_dir.name.startswith(f"dh-serve-videos-{os.getpid()}-")
+        with UploadDir() as u:
+            assert u.path.name.startswith(f"dh-serve-{os.getpid()}-")
+    finally:
+        w.stop()
