@@ -60,20 +60,23 @@ def check_silence(path: str | Path, samples: np.ndarray, mode: str = "warn") -> 
 
 
 def load_audio(
-    path: str | Path, sample_rate: int = SAMPLE_RATE, fps: int = FPS, *, silence: str = "warn"
+    path: str | Path, sample_rate: int = SAMPLE_RATE, fps: int = FPS, *, silence: str = "warn",
+    max_decode_s: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Read ``path`` (audio file or a video's audio track) as mono float32 at ``sample_rate``.
 
     Returns ``(samples [n], sample_rate)``. Raises :class:`AudioError` when the file is missing,
     is not audio/video, has no audio track, is empty, or is shorter than one video frame
     (``sample_rate // fps`` samples). All-silent audio is handled per ``silence`` (``check_silence``).
+    ``max_decode_s``: decode no more than about this many seconds (a server's cap: a 355 KB FLAC holds
+    two hours of silence, 0.5 GB once decoded); the caller sees a longer file as more samples than that.
     """
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: file not found; check the path")
     if not path.is_file():
         raise AudioError(f"{path}: is not a file; give a path to an audio or video file")
-    data, rate = _read_any(path)
+    data, rate = _read_any(path, max_decode_s)
     mono = _to_mono(data)
     if mono.size == 0:
         raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
@@ -84,17 +87,41 @@ def load_audio(
     return samples, sample_rate
 
 
-def _read_any(path: Path) -> tuple[np.ndarray, int]:
-    """``(data [n, channels] float32, rate)`` from soundfile if it can open ``path``, else PyAV."""
+def audio_seconds(path: str | Path) -> float | None:
+    """The length a file's header states (no decoding), or None where it states none or cannot be read."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return data, int(rate)
+        info = sf.info(str(path))
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except (sf.SoundFileError, RuntimeError):
+        pass
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration else None
+    except (av.error.FFmpegError, UnicodeDecodeError):
+        return None
+
+
+def _read_any(path: Path, max_s: float | None = None) -> tuple[np.ndarray, int]:
+    """``(data [n, channels] float32, rate)`` from soundfile if it can open ``path``, else PyAV; at most about
+    ``max_s`` seconds of it where given."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            frames = -1 if max_s is None else int(math.ceil(max_s * f.samplerate)) + 1
+            return f.read(frames=frames, dtype="float32", always_2d=True), int(f.samplerate)
     except (sf.SoundFileError, RuntimeError) as err:
         log.debug("soundfile cannot read %s (%s); trying PyAV", path, err)
-    return _read_pyav(path)
+    return _read_pyav(path, max_s)
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _read_pyav(path: Path, max_s: float | None = None) -> tuple[np.ndarray, int]:
     """Decode the first audio stream of ``path`` with PyAV: ``(data [n, channels] float32, rate)``."""
     import av
 
@@ -112,11 +139,12 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
                 f"{path}: has no audio track (streams: {kinds or 'none'}); "
                 "give a file with a soundtrack"
             )
-        return _decode_stream(path, container)
+        return _decode_stream(path, container, max_s)
 
 
-def _decode_stream(path: Path, container) -> tuple[np.ndarray, int]:
-    """Decode every frame of the first audio stream to planar float32 at its native rate.
+def _decode_stream(path: Path, container, max_s: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode every frame of the first audio stream to planar float32 at its native rate (stopping once
+    past ``max_s`` seconds where given).
 
     The rate is taken from the decoded frames (HE-AAC, for one, decodes to twice the rate its
     header states).
@@ -128,10 +156,14 @@ def _decode_stream(path: Path, container) -> tuple[np.ndarray, int]:
     converter = av.AudioResampler(format="fltp")
     chunks: list[np.ndarray] = []
     rate = stream.codec_context.sample_rate or 0
+    n = 0
     try:
         for frame in container.decode(stream):
             rate = frame.sample_rate or rate
             chunks += [out.to_ndarray() for out in converter.resample(frame)]
+            n += frame.samples
+            if max_s is not None and n > max_s * rate:
+                break
         chunks += [out.to_ndarray() for out in converter.resample(None)]
     except av.error.FFmpegError as err:
         raise AudioError(

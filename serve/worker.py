@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dheads.engine.audio import SAMPLE_RATE, check_silence, load_audio
+from dheads.engine.audio import SAMPLE_RATE, audio_seconds, check_silence, load_audio
 from dheads.engine.batcher import Batcher, Frame, Stream
 from dheads.engine.config import SPACINGS, SamplerConfig
 from dheads.engine.errors import USER_ERRORS
@@ -303,9 +303,13 @@ class EngineWorker:
             raise ClientError(face.explain(e), 413 if isinstance(e, ImageTooLarge) else 400) from None
 
     def load_speech(self, audio: Upload) -> tuple[np.ndarray, torch.Tensor]:
-        """A whole audio upload -> (16 kHz samples, embeddings), with dh-run's checks and the length cap."""
+        """A whole audio upload -> (16 kHz samples, embeddings), with dh-run's checks and the length cap: the
+        length the header states is checked before decoding, and no more than the cap (+ 1 s) is decoded."""
         try:
-            samples, rate = load_audio(audio.path, silence="ignore")
+            stated = audio_seconds(audio.path)
+            if stated is not None:
+                self.check_seconds(int(stated * SAMPLE_RATE))
+            samples, rate = load_audio(audio.path, silence="ignore", max_decode_s=self.config.max_audio_seconds + 1)
             self.check_seconds(samples.size)
         except USER_ERRORS as e:
             raise ClientError(audio.explain(e)) from None

@@ -525,3 +525,41 @@ def test_temp_folders_of_a_dead_server_are_removed_at_start(tmp_path, monkeypatc
             assert u.path.name.startswith(f"dh-serve-{os.getpid()}-")
     finally:
         w.stop()
+
+
+def test_an_audio_bomb_is_refused_from_its_header_and_never_decoded_whole(worker, tmp_path):
+    import tracemalloc
+
+    from dheads.engine.audio import load_audio
+    from dheads.serve.uploads import Upload
+    from dheads.serve.worker import ClientError
+
+    bomb = tmp_path / "bomb.flac"  # 10 minutes of silence: 9.6 MB of samples, a few KB of FLAC
+    with sf.SoundFile(str(bomb), "w", 8000, 1, format="FLAC") as f:
+        for _ in range(600):
+            f.write(np.zeros(8000, np.int16))
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ClientError, match=r"^audio is 600\.0 s; this server takes at most 60 s$") as e:
+            worker.load_speech(Upload(bomb, "bomb.flac"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.status == 413 and peak < 4 << 20  # decoded whole, it would be 19 MB, 38 MB at 16 kHz
+    # decoding stops near the bound on both readers (a header may lie, or state no length): PyAV (AAC), soundfile
+    with av.open(str(tmp_path / "talk.m4a"), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000 * 10), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    assert 2 * 16000 < load_audio(tmp_path / "talk.m4a", silence="ignore", max_decode_s=2)[0].size < 3 * 16000
+    assert load_audio(bomb, silence="ignore", max_decode_s=2)[0].size == 2 * 16000 + 2
+
+
+def test_an_engine_that_fails_to_load_is_one_line_and_exit_2():
+    res = subprocess.run([sys.executable, "-m", "dheads.serve.cli", "--engine", "/nonexistent/x.onnx", "--port",
+                          str(free_port()), "--threads", "1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "dh-serve: error: /nonexistent/x.onnx: no such file or directory"
