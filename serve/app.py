@@ -40,7 +40,6 @@ from .worker import (PCM_ENCODE_EVERY, SAMPLES_PER_FRAME, SAMPLING_FIELDS, Clien
                      ShuttingDown, stream_options)
 
 log = logging.getLogger(__name__)
-_VIDEO_ID = re.compile(r"[0-9a-f]{32}")
 FORMATS = ("jpeg", "rgb")
 
 
@@ -305,8 +304,8 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
 
     @app.get("/v1/videos/{vid}")
     async def video(vid: str):
-        path = worker.videos.get(vid) if _VIDEO_ID.fullmatch(vid) else None
-        if path is None or not path.is_file():
+        path = worker.video_path(vid)
+        if path is None:
             return error_response("no such video (finished videos are kept for a while only)", 404)
         return FileResponse(path, media_type="video/mp4", filename="dheads.mp4")
 

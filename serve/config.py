@@ -20,6 +20,8 @@ class ServeConfig:
     there is no token, none but the server's own when there is one. ``start_timeout_s``: the longest wait for
     each message of a stream's start (start, face, audio file); ``idle_timeout_s``: the longest gap between
     PCM chunks; ``max_stream_seconds``: the longest a render or stream may take, start to end.
+    ``video_dir``: where finished videos are kept (the last ``keep_videos``); None: a private temp folder.
+    Replicas that share one (a shared filesystem) serve each other's ``/v1/videos/{id}`` links.
     ``drain_s``: after SIGTERM, how long /healthz answers 503 while open streams finish (then they are ended
     with a JSON 503 / close 1012).
     """
@@ -38,6 +40,7 @@ class ServeConfig:
     max_steps: int = 100
     max_pending_frames: int = 8
     keep_videos: int = 16
+    video_dir: str | None = None
     start_timeout_s: float = 30.0
     idle_timeout_s: float = 30.0
     max_stream_seconds: float = 600.0

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -43,6 +44,7 @@ from .uploads import LimitError, RequestError, Upload, remove_stale, temp_prefix
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // 25
+_VIDEO_ID = re.compile(r"[0-9a-f]{32}")
 PCM_ENCODE_EVERY = 4 * SAMPLES_PER_FRAME  # re-encode streaming speech after this much new audio
 
 
@@ -185,9 +187,11 @@ class EngineWorker:
         self.load_error: BaseException | None = None  # set when a background load failed
         self.open_requests = 0  # renders and streams from their first message to their end
         self._preparing = 0  # of those, the ones not yet submitted: they count in the queue
-        self.videos: collections.OrderedDict[str, Path] = collections.OrderedDict()
         remove_stale()
-        self.video_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("videos-")))
+        self._own_video_dir = config.video_dir is None
+        self.video_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("videos-"))) if self._own_video_dir \
+            else Path(config.video_dir)
+        self.video_dir.mkdir(parents=True, exist_ok=True)
 
     # --- life cycle
     def start(self) -> None:
@@ -286,7 +290,8 @@ class EngineWorker:
             self._waiting.clear()
             self._live.clear()
         self._prep.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self.video_dir, ignore_errors=True)
+        if self._own_video_dir:  # a shared --video-dir outlives this replica
+            shutil.rmtree(self.video_dir, ignore_errors=True)
 
     def wake(self) -> None:
         with self._cond:
@@ -396,12 +401,18 @@ class EngineWorker:
 
     # --- finished videos
     def store_video(self, vid: str, path: Path) -> str:
-        """Keep a finished mp4 for download under ``vid`` (a server-made uuid); the oldest expire."""
-        self.videos[vid] = path
-        while len(self.videos) > self.config.keep_videos:
-            _, old = self.videos.popitem(last=False)
-            old.unlink(missing_ok=True)
+        """Keep a finished mp4 (``video_dir/<vid>.mp4``, ``vid`` a server-made uuid) for download; the oldest
+        in the folder expire past ``keep_videos``, whichever replica made them."""
+        videos = sorted(self.video_dir.glob("*.mp4"), key=_mtime)
+        for old in videos[: max(0, len(videos) - self.config.keep_videos)]:
+            if old != path:
+                old.unlink(missing_ok=True)
         return vid
+
+    def video_path(self, vid: str) -> Path | None:
+        """The finished mp4 of ``vid`` (32 hex digits, else None: never a client-made path), if still kept."""
+        path = self.video_dir / f"{vid}.mp4" if _VIDEO_ID.fullmatch(vid) else None
+        return path if path is not None and path.is_file() else None
 
     def write_video(self, path: Path, frames: list[np.ndarray], samples: np.ndarray) -> Path:
         if not frames:
@@ -409,6 +420,13 @@ class EngineWorker:
         write_mp4(path, frames, fps=self.head.info.audio.fps, audio=samples[: len(frames) * SAMPLES_PER_FRAME],
                   sample_rate=SAMPLE_RATE)
         return path
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another replica expired it meanwhile
+        return 0.0
 
 
 __all__ = ["ClientError", "ClientGone", "EngineWorker", "LimitError", "RequestError", "Session", "ShuttingDown", "StreamOptions",

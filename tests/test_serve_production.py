@@ -563,3 +563,17 @@ def test_an_engine_that_fails_to_load_is_one_line_and_exit_2():
                           str(free_port()), "--threads", "1"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "dh-serve: error: /nonexistent/x.onnx: no such file or directory"
+
+
+def test_replicas_sharing_a_video_dir_serve_each_others_links(worker, wav, tmp_path):
+    shared = str(tmp_path / "videos")
+    with server_with(worker, video_dir=shared, keep_videos=1) as (a, _), \
+            server_with(worker, video_dir=shared, keep_videos=1) as (b, _):
+        first = stream(a, wav, mp4=True)[0][-1]["video"]
+        r = httpx.get(b + first)  # made on replica a, fetched from replica b
+        assert r.status_code == 200 and decoded(r.content).shape == (7, 64, 64, 3)
+        second = stream(b, wav, mp4=True)[0][-1]["video"]
+        assert httpx.get(a + second).status_code == 200
+        r = httpx.get(a + first)  # keep_videos = 1 across the folder: the older one expired
+        assert (r.status_code, r.json()) == (404, {"error": "no such video (finished videos are kept for a while only)"})
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [second.rsplit("/", 1)[1] + ".mp4"]
