@@ -1,7 +1,9 @@
 """The page at ``GET /`` in a real headless browser (Debian's chromium + chromedriver, driven by Selenium).
 
 Choose the example face and a short speech file, press Start, wait for "done", then check that frames were
-drawn: the canvas holds a non-blank picture and the screenshot shows it. Skips where chromium is absent.
+drawn: the canvas holds a non-blank picture and the screenshot shows it, and the finished mp4 plays inline.
+Cancel stops a stream; a close without a message (1009: a file over the limit) is explained. Skips where
+chromium is absent.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ def test_page_streams_frames_into_the_canvas(browser, tmp_path):
             assert np.abs(drawn - last_frame(worker, wav)).mean() < 3
             link = browser.find_element(By.ID, "download")
             assert link.is_displayed() and "/v1/videos/" in link.get_attribute("href")
+            player = browser.find_element(By.ID, "player")
+            assert player.is_displayed() and player.get_attribute("src") == link.get_attribute("href")
+            WebDriverWait(browser, 20).until(lambda d: d.execute_script("return arguments[0].readyState >= 1", player))
+            assert browser.execute_script("return arguments[0].duration", player) == pytest.approx(0.28, abs=0.05)
+            assert browser.find_element(By.ID, "start").is_enabled()
+            assert not browser.find_element(By.ID, "cancel").is_enabled()
             png = browser.get_screenshot_as_png()
             if SCREENSHOT_DIR:
                 (SCREENSHOT_DIR / "serve_page.png").write_bytes(png)
@@ -96,5 +104,57 @@ def test_page_streams_frames_into_the_canvas(browser, tmp_path):
             area = shot[int(r["y"]) + 4 : int(r["y"] + r["height"]) - 4, int(r["x"]) + 4 : int(r["x"] + r["width"]) - 4]
             assert area.size and area.std() > 10, "the screenshot shows no frame where the canvas is"
             assert not np.all(area == area[0, 0])
+    finally:
+        worker.stop()
+
+
+def run_page(browser, url, *files, token=None):
+    from selenium.webdriver.common.by import By
+
+    browser.get(url + "/")
+    browser.find_element(By.ID, "face").send_keys(str(files[0]))
+    browser.find_element(By.ID, "audio").send_keys(str(files[1]))
+    if token:
+        browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "start").click()
+    return browser.find_element(By.ID, "status")
+
+
+def test_cancel_stops_the_stream_and_a_bare_close_is_explained(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    long = short_speech(tmp_path / "long.wav", 3.0)  # 75 frames: still running when Cancel is pressed
+    small_face = tmp_path / "face.jpg"
+    cv2.imwrite(str(small_face), cv2.imread(str(FACE)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert small_face.stat().st_size < 25_000
+    # the 96 KB speech, the last message the page sends, is over the WS limit (25 000 + 64 KiB): uvicorn closes 1009
+    cfg = ServeConfig(port=free_port(), threads=1, max_upload_bytes=25_000)
+    worker = EngineWorker(cfg)
+    worker.start()
+    try:
+        with running_server(worker, cfg) as url:
+            status = run_page(browser, url, small_face, long)
+            WebDriverWait(browser, 30).until(lambda d: status.text.startswith("closed") or
+                                             status.get_attribute("class") == "error")
+            assert status.text == "closed (1009): a file is larger than this server takes (--max-upload-mb)"
+            assert browser.find_element(By.ID, "start").is_enabled()
+        cfg = ServeConfig(port=free_port(), threads=1)
+        roomy = EngineWorker(cfg, head=worker.head)
+        roomy.start()
+        try:
+            with running_server(roomy, cfg) as url:
+                status = run_page(browser, url, FACE, long)
+                canvas = browser.find_element(By.ID, "view")
+                WebDriverWait(browser, 60).until(lambda d: int(canvas.get_attribute("data-frames") or 0) >= 1)
+                assert not browser.find_element(By.ID, "start").is_enabled()  # one stream at a time
+                browser.find_element(By.ID, "cancel").click()
+                WebDriverWait(browser, 10).until(lambda d: browser.find_element(By.ID, "start").is_enabled())
+                assert status.text == "cancelled"
+                WebDriverWait(browser, 10).until(
+                    lambda d: roomy.metrics.registry.get_sample_value("dh_streams_total", {"result": "cancelled"}))
+                assert int(canvas.get_attribute("data-frames")) < 75
+        finally:
+            roomy.stop()
     finally:
         worker.stop()
