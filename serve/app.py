@@ -2,8 +2,8 @@
 
 ``GET /`` the page, ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``POST /v1/render`` (multipart ->
 ``video/mp4``), ``WS /v1/stream`` (frames as they are made; the protocol is in README "Serving"),
-``POST /v1/ticket`` (a short-lived WebSocket ticket for a browser), ``GET /v1/videos/{id}`` (the mp4 of a
-finished stream that asked for one). Every error is JSON ``{"error": "<one line>"}`` with a 4xx (5xx: loading,
+``POST /v1/jobs`` + ``GET``/``DELETE /v1/jobs/{id}`` (render jobs, ``jobs.py``), ``POST /v1/ticket`` (a
+short-lived WebSocket ticket for a browser), ``GET /v1/videos/{id}`` (the mp4 of a finished stream or job). Every error is JSON ``{"error": "<one line>"}`` with a 4xx (5xx: loading,
 busy, shutting down or an engine failure); a WebSocket gets it as ``{"type": "error", ...}`` and a close code.
 """
 
@@ -34,6 +34,7 @@ from dheads.engine.audio import SAMPLE_RATE
 
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE
+from .jobs import Jobs, render_bytes
 from .protocol import as_bool, as_int, as_str, check_fields, parse_json
 from .uploads import LimitError, RequestError, UploadDir, float_to_pcm16, pcm16_to_float
 from .worker import (PCM_ENCODE_EVERY, SAMPLES_PER_FRAME, SAMPLING_FIELDS, ClientError, EngineWorker, Session,
@@ -174,6 +175,7 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
     worker = worker or EngineWorker(config)
     config = worker.config
     tickets = Tickets(config.ticket_ttl_s)
+    jobs = Jobs(worker)
     redact_access_log()
 
     @contextlib.asynccontextmanager
@@ -181,6 +183,7 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
         if owned:
             worker.start_in_background()
         yield
+        jobs.cancel_all()
         if owned:
             await asyncio.to_thread(worker.stop)
 
@@ -283,7 +286,8 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
         with worker.request():
             opts = stream_options(worker.head, config, steps=steps, sampler=sampler, seed=seed, spacing=spacing,
                                   frame_noise=frame_noise)
-            job = asyncio.create_task(_render_job(worker, face, audio, opts, read_upload))
+            parts = await read_upload(face, "face"), await read_upload(audio, "audio")
+            job = asyncio.create_task(render_bytes(worker, *parts, opts))
             gone = asyncio.create_task(_disconnect(request))
             try:
                 done, _ = await asyncio.wait({job, gone}, timeout=config.max_stream_seconds,
@@ -301,6 +305,35 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
                 raise ClientError(f"render took over {config.max_stream_seconds:g} s, this server's limit", 503)
             data, frames = job.result()
         return Response(data, media_type="video/mp4", headers={"X-Frames": str(frames)})
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit_job(face: UploadFile | None = File(None), audio: UploadFile | None = File(None),
+                         steps: str | None = Form(None), sampler: str | None = Form(None),
+                         seed: str | None = Form(None), spacing: str | None = Form(None),
+                         frame_noise: str | None = Form(None)):
+        with contextlib.ExitStack() as held, contextlib.ExitStack() as queue_place:
+            held.enter_context(worker.request())  # 503 now, not in a poll, when the server is busy
+            queue_place.enter_context(worker.preparing())
+            opts = stream_options(worker.head, config, steps=steps, sampler=sampler, seed=seed, spacing=spacing,
+                                  frame_noise=frame_noise)
+            parts = await read_upload(face, "face"), await read_upload(audio, "audio")
+            job = jobs.submit(*parts, opts, held.pop_all(), queue_place.pop_all())  # the job releases them
+        return JSONResponse({**job.view(), "poll": f"/v1/jobs/{job.id}"}, status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def poll_job(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            return error_response("no such job (finished jobs are kept for a while only)", 404)
+        return job.view()
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            return error_response("no such job (finished jobs are kept for a while only)", 404)
+        jobs.cancel(job)
+        return job.view()
 
     @app.get("/v1/videos/{vid}")
     async def video(vid: str):
@@ -339,27 +372,6 @@ async def _disconnect(request: Request) -> None:
     """Returns when the client of an HTTP request (whose body was read) disconnects."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _render_job(worker: EngineWorker, face, audio, opts, read_upload) -> tuple[bytes, int]:
-    """One render, uploads to mp4 bytes; cancelling it cancels its stream and removes its files."""
-    config, session = worker.config, None
-    with UploadDir() as d:
-        try:
-            with worker.preparing():
-                fu = d.save("face", *(await read_upload(face, "face")), max_bytes=config.max_upload_bytes)
-                au = d.save("audio", *(await read_upload(audio, "audio")), max_bytes=config.max_upload_bytes)
-                identity = await worker.run_prep(worker.load_identity, fu)
-                samples, emb = await worker.run_prep(worker.load_speech, au)
-                session = Session(worker, worker.new_stream(identity, opts, emb, True), samples, keep_frames=True)
-                worker.submit(session)
-            while await session.next() is not None:
-                pass
-        finally:
-            if session is not None:
-                session.cancel()
-        out = await run_in_threadpool(worker.write_video, d.path / "out.mp4", session.kept, samples)
-        return out.read_bytes(), len(session.kept)
 
 
 async def _stream(ws: WebSocket, worker: EngineWorker) -> None:

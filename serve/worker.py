@@ -349,6 +349,7 @@ class EngineWorker:
     def _admit(self) -> None:
         while self._waiting and len(self._live) < self.config.max_streams:
             self._live.append(self._waiting.popleft())
+            self._live[-1].position = 0
         self._tell_positions()
         self._queue_metrics()
 

@@ -1,7 +1,9 @@
 """dh-serve as a deploying team meets it (issue 30), on a real uvicorn on 127.0.0.1: the engine's default
 sampling (the frames dh-run makes), hostile JSON and fields, one error shape, token header and tickets, the
-origin check, the pixel budget, timeouts, queue and connection caps, a render whose client leaves, the
-drain, the loading state and a busy port. Streams are 0.3 s of speech (7 frames) on the shipped demo model.
+origin check, the pixel budget, an audio bomb, timeouts, queue and connection caps, the place in line, a
+render whose client leaves, render jobs, the drain, the loading state, a busy port, an engine that fails to
+load, stale temp folders and replicas sharing a video folder. Streams are 0.3 s of speech (7 frames) on the
+shipped demo model.
 """
 
 from __future__ import annotations
@@ -577,3 +579,46 @@ def test_replicas_sharing_a_video_dir_serve_each_others_links(worker, wav, tmp_p
         r = httpx.get(a + first)  # keep_videos = 1 across the folder: the older one expired
         assert (r.status_code, r.json()) == (404, {"error": "no such video (finished videos are kept for a while only)"})
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [second.rsplit("/", 1)[1] + ".mp4"]
+
+
+def poll(url, job_id, until=("done", "failed", "cancelled"), timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        view = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        if view["status"] in until:
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+
+
+def test_a_render_job_is_submitted_polled_and_fetched(worker, url, wav, tmp_path):
+    files = {"face": ("f.png", FACE.read_bytes()), "audio": ("s.wav", wav.read_bytes())}
+    r = httpx.post(url + "/v1/jobs", files=files, data={"seed": "3"})
+    assert r.status_code == 202
+    job = r.json()
+    assert job == {"id": job["id"], "status": "queued", "frames": 0, "total": None, "poll": f"/v1/jobs/{job['id']}"}
+    done = poll(url, job["id"])
+    assert done == {"id": job["id"], "status": "done", "frames": 7, "total": 7, "video": f"/v1/videos/{job['id']}"}
+    video = httpx.get(url + done["video"])
+    assert video.status_code == 200 and np.array_equal(decoded(video.content), decoded(render(url, wav, {"seed": "3"}).content))
+    bad = httpx.post(url + "/v1/jobs", files={**files, "face": ("me.png", b"not an image")}).json()
+    assert poll(url, bad["id"]) == {"id": bad["id"], "status": "failed", "frames": 0, "total": None,
+                                    "error": "cannot read image me.png (corrupt or unsupported format)", "code": 400}
+    r = httpx.get(url + "/v1/jobs/" + "0" * 32)
+    assert (r.status_code, r.json()) == (404, {"error": "no such job (finished jobs are kept for a while only)"})
+    r = httpx.post(url + "/v1/jobs", files=files, data={"steps": "true"})  # checked before the job starts
+    assert (r.status_code, r.json()) == (400, {"error": "steps must be an integer in 1..100, got 'true'"})
+
+
+def test_a_cancelled_job_stops_its_stream(worker, tmp_path):
+    long = short_speech(tmp_path / "long.wav", 3.0)
+    with server_with(worker) as (u, server):
+        r = httpx.post(u + "/v1/jobs", files={"face": ("f.png", FACE.read_bytes()), "audio": ("s.wav", long.read_bytes())})
+        job = poll(u, r.json()["id"], until=("running",))
+        assert job["total"] == 75
+        assert httpx.delete(f"{u}/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while metric(server.worker, "dh_streams_total", result="cancelled") < 1 or server.worker.open_requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert poll(u, job["id"])["status"] == "cancelled" and poll(u, job["id"])["frames"] < 75
