@@ -168,9 +168,12 @@ TOKEN_HINT = "send Authorization: Bearer <token>"
 START_FIELDS = ("type", "format", "audio", *SAMPLING_FIELDS, "sample_rate", "mp4", "face_name", "audio_name")
 
 
-def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None = None) -> FastAPI:
+def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None = None, *,
+               load_in_background: bool = True) -> FastAPI:
     """The app; it starts (and at shutdown stops) its own worker unless given a started one. An owned worker
-    loads its engine in the background, so /healthz answers 503 "loading" until it is ready."""
+    loads its engine in the background, so /healthz answers 503 "loading" until it is ready; with
+    ``load_in_background=False`` the app's start-up waits for it (Ray Serve: a replica is routed to once
+    its start-up is over)."""
     owned = worker is None
     worker = worker or EngineWorker(config)
     config = worker.config
@@ -180,8 +183,10 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        if owned:
+        if owned and load_in_background:
             worker.start_in_background()
+        elif owned:
+            await asyncio.to_thread(worker.start)
         yield
         jobs.cancel_all()
         if owned:

@@ -32,7 +32,7 @@ def deployment(config: ServeConfig, *, replicas: int, gpus_per_replica: float | 
     def build_app():  # evaluated on each replica
         from .app import create_app
 
-        return create_app(ServeConfig(**fields))
+        return create_app(ServeConfig(**fields), load_in_background=False)  # routed to once loaded
 
     ingress = serve.ingress(build_app)
     cls = serve.deployment(
