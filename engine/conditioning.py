@@ -26,11 +26,17 @@ def audio_windows(emb: torch.Tensor, window: int = 2) -> torch.Tensor:
     return emb[idx]
 
 
-def motion_transform(frame: torch.Tensor, grayscale: bool) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, 1, H, W] luma if ``grayscale`` else unchanged."""
+def luma_weights(device=None, dtype=torch.float32) -> torch.Tensor:
+    """[1, 3, 1, 1] luma weights on ``device``: make them once; a per-frame ``new_tensor`` is a host copy."""
+    return torch.tensor(_LUMA, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
+def motion_transform(frame: torch.Tensor, grayscale: bool, luma: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luma if ``grayscale`` else unchanged. ``luma``: ``luma_weights`` on
+    frame's device (None: made here, a host-to-device copy)."""
     if not grayscale:
         return frame
-    w = frame.new_tensor(_LUMA).view(1, 3, 1, 1)
+    w = luma if luma is not None else luma_weights(frame.device, frame.dtype)
     return (frame * w).sum(dim=1, keepdim=True)
 
 
@@ -41,16 +47,17 @@ class MotionRing:
                  grayscale: bool = False):
         self.grayscale = grayscale
         self.buffer = torch.zeros(batch, frames, channels, size, size, device=device, dtype=dtype)
+        self.luma = luma_weights(device, dtype) if grayscale else None  # on the device once, not per frame
 
     def reset(self, identity: torch.Tensor) -> None:
         """Fill every slot with the (transformed) identity frame [B, 3, H, W]."""
-        self.buffer.copy_(motion_transform(identity, self.grayscale).unsqueeze(1).expand_as(self.buffer))
+        self.buffer.copy_(motion_transform(identity, self.grayscale, self.luma).unsqueeze(1).expand_as(self.buffer))
 
     def push(self, frame: torch.Tensor) -> None:
         """Drop the oldest slot, append ``frame`` [B, 3, H, W] as the newest."""
         for j in range(self.buffer.shape[1] - 1):
             self.buffer[:, j].copy_(self.buffer[:, j + 1])
-        self.buffer[:, -1].copy_(motion_transform(frame, self.grayscale))
+        self.buffer[:, -1].copy_(motion_transform(frame, self.grayscale, self.luma))
 
     @property
     def flat(self) -> torch.Tensor:

@@ -9,13 +9,14 @@ backend it holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .backends.base import Denoiser
+from .backends.base import Denoiser, graph_denoiser
 from .conditioning import MotionRing, audio_windows
 from .config import DiffusionConfig, SamplerConfig
 from .noise import NoiseFn, as_noise_fn
@@ -56,32 +57,41 @@ class FrameLoop:
         self.x_warm = torch.empty(b, 3, s, s, device=dev)
         self.state = make_state(self.plan.spec, self.frame)  # the sampler's preallocated per-frame state
         self.use_graph = config.cuda_graph and dev.type == "cuda" and denoiser.graph_safe
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        # warm -> (graph, the denoiser it captured): each graph keeps its own (a TensorRT context per graph)
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Denoiser]] = {}
         self.frames_done = 0
 
-    def _model(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        return self.denoiser(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
-
-    def denoise(self, warm: bool = False) -> None:
+    def denoise(self, warm: bool = False, denoiser: Denoiser | None = None) -> None:
         """x = noise[0] (or, ``warm``, the last frame noised to the plan's warm step); run the plan's steps
-        down to k = 0 (``plan.denoise_frame``); frame = x."""
+        down to k = 0 (``plan.denoise_frame``) with ``denoiser`` (default: the loop's); frame = x."""
+        den = denoiser or self.denoiser
+
+        def model(x: torch.Tensor, k: int) -> torch.Tensor:
+            return den(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
+
         start = self.plan.start(warm)
         x = warm_start(self.x_warm, self.frame, self.noise[0], self.tables, start) if warm else self.noise[0]
-        self.frame.copy_(denoise_frame(self._model, x, self.plan, self.tables, self.noise, self.state, start))
+        self.frame.copy_(denoise_frame(model, x, self.plan, self.tables, self.noise, self.state, start))
 
-    def _capture(self, warm: bool) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream(device=self.frame.device)
-        side.wait_stream(torch.cuda.current_stream())
-        saved = self.frame.clone()
-        with torch.cuda.stream(side):  # warm-up outside capture: lazy init, cuBLAS/cuDNN handles
-            self.denoise(warm)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.denoise(warm)
-        self.frame.copy_(saved)  # a warm frame reads the last frame: capture must not have changed it
-        log.info("captured a CUDA graph of %d denoising steps", self.plan.calls(warm))
-        return graph
+    def _capture(self, warm: bool) -> tuple[torch.cuda.CUDAGraph, Denoiser]:
+        """Warm up, then capture, on one side stream of the loop's device, with a denoiser of the graph's own
+        (``graph_denoiser``: TensorRT gives each graph its own execution context). ``thread_local`` capture:
+        another thread's allocation (the server preparing the next request) cannot invalidate it."""
+        dev = self.frame.device
+        den = graph_denoiser(self.denoiser)
+        caller = torch.cuda.current_stream(dev)
+        saved = self.frame.clone()  # on the caller's stream, before the side stream is told to wait for it
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            self.denoise(warm, den)  # warm-up, not captured: lazy init, cuBLAS handles, TensorRT's first enqueue
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                self.denoise(warm, den)
+        caller.wait_stream(side)
+        self.frame.copy_(saved)  # a warm frame reads the last frame: the warm-up must not have changed it
+        log.info("captured a CUDA graph of %d denoising steps at batch %d", self.plan.calls(warm), self.config.batch)
+        return graph, den
 
     def reset(self) -> None:
         """Start a new video: the next frame starts from pure noise."""
@@ -90,20 +100,27 @@ class FrameLoop:
     def run_frame(self) -> None:
         """Denoise one frame of every stream into ``self.frame`` and push it into the motion ring."""
         warm = self.frames_done > 0 and self.plan.calls(True) < self.plan.steps
-        if self.use_graph:
-            if warm not in self._graphs:
-                self._graphs[warm] = self._capture(warm)
-            self._graphs[warm].replay()
-        else:
-            self.denoise(warm)
-        self.ring.push(self.frame)
+        with on_device(self.frame.device):  # streams, capture and TensorRT's enqueue on the loop's GPU (cuda:N)
+            if self.use_graph:
+                if warm not in self._graphs:
+                    self._graphs[warm] = self._capture(warm)
+                self._graphs[warm][0].replay()
+            else:
+                self.denoise(warm)
+            self.ring.push(self.frame)
         self.frames_done += 1
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (its streams become the current ones), else nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _HostFrames:
     """Frames come back to the host asynchronously: copy i into pinned memory while i+1 computes."""
 
     def __init__(self, like: torch.Tensor):
+        self.device = like.device
         self.cuda = like.device.type == "cuda"
         pin = self.cuda
         self.buffers = [torch.empty(like.shape, dtype=like.dtype, pin_memory=pin) for _ in range(2)]
@@ -112,9 +129,10 @@ class _HostFrames:
 
     def push(self, i: int, frame: torch.Tensor) -> None:
         slot = i % 2
-        self.buffers[slot].copy_(frame, non_blocking=self.cuda)
-        if self.cuda:
-            self.events[slot].record()
+        with on_device(self.device):
+            self.buffers[slot].copy_(frame, non_blocking=self.cuda)
+            if self.cuda:
+                self.events[slot].record(torch.cuda.current_stream(self.device))
         self.pending.append(i)
 
     def pop(self) -> tuple[int, torch.Tensor]:

@@ -111,6 +111,9 @@ class Denoiser(Protocol):
     Shapes as ``unet_io_spec``. Inputs and output are torch tensors on ``self.device``. A backend
     whose call has no host synchronisation sets ``graph_safe = True`` so the loop may capture it
     in a CUDA graph; the returned tensor may be a buffer the backend reuses on the next call.
+    A backend that needs state of its own per captured graph (TensorRT: an execution context) also
+    has ``for_graph() -> Denoiser``; the loop asks through :func:`graph_denoiser`. A backend whose
+    batch sizes are bounded (a TensorRT plan's profile) has ``profile: BatchProfile``.
     """
 
     name: str
@@ -120,3 +123,21 @@ class Denoiser(Protocol):
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, identity: torch.Tensor,
                  motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor: ...
+
+
+def graph_denoiser(denoiser: Denoiser) -> Denoiser:
+    """What one new CUDA graph should capture: ``denoiser.for_graph()`` where the backend keeps state per
+    graph (a TensorRT execution context), else ``denoiser`` itself."""
+    make = getattr(denoiser, "for_graph", None)
+    return make() if make is not None else denoiser
+
+
+def check_batches(denoiser: Denoiser, largest: int, what: str) -> None:
+    """BackendError (one line) unless ``denoiser`` runs every batch 1..``largest`` (``what`` names the setting
+    asking for it, e.g. ``--max-streams 8``); a backend without a ``profile`` runs any batch."""
+    profile = getattr(denoiser, "profile", None)
+    if profile is None or (profile.min <= 1 and largest <= profile.max):
+        return
+    where = getattr(denoiser, "path", denoiser.name)
+    raise BackendError(f"{where}: the engine was exported for batch {profile.min}..{profile.max} but {what} "
+                       f"runs batches 1..{largest}; re-export with `dh-export --batch 1:1:{largest}` or lower it")
