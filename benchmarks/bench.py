@@ -203,10 +203,23 @@ def bench_reference(model: DiffusedHeadsUNet, device: torch.device, bc: BenchCon
             "real_time_factor": per_frame * 25}
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a row's peak at what is allocated now (the process's RSS peak cannot be reset: it only grows)."""
     if device.type == "cuda":
-        return {"peak_device_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(den: Denoiser) -> dict[str, float]:
+    """torch's peak since the row began, and TensorRT's own memory (its contexts and plan), which torch's
+    allocator never sees."""
+    if den.device.type != "cuda":
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {"peak_device_mib": torch.cuda.max_memory_allocated(den.device) / 2**20}
+    trt_bytes = getattr(den, "device_memory_bytes", None)
+    if trt_bytes is not None:
+        row["tensorrt_device_mib"] = trt_bytes / 2**20
+    return row
 
 
 def machine_info(device: torch.device) -> dict[str, object]:
@@ -226,9 +239,11 @@ def machine_info(device: torch.device) -> dict[str, object]:
 
 
 def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: torch.device, workdir: Path,
-                 intra_op_threads: int | None = None) -> Denoiser:
-    """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime: exported into ``workdir``)."""
-    from dheads.engine.backends import TORCH_BACKENDS, open_denoiser, torch_denoiser
+                 intra_op_threads: int | None = None, batch: int = 1) -> Denoiser:
+    """A denoiser for ``name`` over ``model``'s weights (ONNX Runtime, TensorRT: exported into ``workdir``
+    for every batch 1..``batch``, the ones the benchmark runs)."""
+    from dheads.engine.backends import TORCH_BACKENDS, BatchProfile, open_denoiser, torch_denoiser
+    from dheads.engine.backends.base import check_batches
 
     if name in TORCH_BACKENDS:  # a copy: the backend converts its module in place (fp16, channels-last)
         return torch_denoiser(name, copy.deepcopy(model), device=device, precision=precision)
@@ -236,11 +251,13 @@ def open_backend(name: str, model: DiffusedHeadsUNet, precision: str, device: to
     from dheads.export.pipeline import export_bundle
 
     ckpt = save_checkpoint(workdir / "model.pt", checkpoint_from_model(model))
-    bundle = workdir / f"bundle-{precision}"
+    bundle = workdir / f"bundle-{precision}-b{batch}"
     if not bundle.exists():
-        export_bundle(ckpt, bundle, precision=precision)
+        export_bundle(ckpt, bundle, precision=precision, profile=BatchProfile(1, 1, batch),
+                      tensorrt=True if name == "tensorrt" else None)
     den, _ = open_denoiser(bundle, backend=name, device=str(device), precision=precision,
                            intra_op_threads=intra_op_threads)
+    check_batches(den, batch, f"--batch {batch}")
     return den
 
 
@@ -253,7 +270,7 @@ def time_backend(den: Denoiser, bc: BenchConfig) -> dict[str, object]:
         row[f"loop_b{bc.batch}"] = bench_loop(den, bc, bc.batch)
     row["overhead_b1"] = bench_overhead(den, bc)
     row["outside_unet_fraction"] = row["overhead_b1"]["outside_unet_fraction"]
-    row.update(_peak_memory(den.device))
+    row.update(_peak_memory(den))
     return row
 
 
@@ -295,7 +312,9 @@ def run_bench(bc: BenchConfig, workdir: Path) -> dict[str, object]:
                             backend)
                 continue
             threads = _threads(bc, backend, device)
-            den = open_backend(backend, model, precision, device, workdir, threads["onnxruntime"])
+            den = None  # drop the previous row's engine: its memory must not count in this row's peak
+            _reset_peak_memory(device)
+            den = open_backend(backend, model, precision, device, workdir, threads["onnxruntime"], bc.batch)
             row = {"backend": backend, "precision": precision, "threads": threads,
                    "parity_vs_fp32": parity(den, ref_out)}
             if bc.timing:
@@ -322,6 +341,7 @@ def _run_demo(bc: BenchConfig, device: torch.device) -> dict[str, object]:
         raise BackendError("--model demo is the packaged fp32 ONNX bundle: use --backends onnxruntime "
                            "--precisions fp32, with timing")
     threads = _threads(bc, "onnxruntime", device)
+    _reset_peak_memory(device)
     den, info = open_denoiser(default_engine_path(), backend="onnxruntime", device=str(device),
                               intra_op_threads=threads["onnxruntime"])
     row = {"backend": "onnxruntime", "precision": "fp32", "threads": threads, **time_backend(den, bc)}

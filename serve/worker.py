@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dheads.engine.audio import SAMPLE_RATE, audio_seconds, check_silence, load_audio
+from dheads.engine.backends.base import check_batches
 from dheads.engine.batcher import Batcher, Frame, Stream
 from dheads.engine.config import SPACINGS, SamplerConfig
 from dheads.engine.errors import USER_ERRORS
@@ -197,6 +198,8 @@ class EngineWorker:
     def start(self) -> None:
         if self.head is None:
             self.head = TalkingHead.open(self.config.engine, threads=self.config.threads)
+        # the batcher runs every batch up to --max-streams: a plan exported for fewer is refused now, not mid-request
+        check_batches(self.head.denoiser, self.config.max_streams, f"--max-streams {self.config.max_streams}")
         self.batcher = Batcher(self.head.denoiser)
         self._thread = threading.Thread(target=self._run, name="dh-batch", daemon=True)
         self._thread.start()

@@ -29,6 +29,12 @@ def _import_ort():
     return ort
 
 
+def own_stream(device: torch.device) -> tuple[torch.cuda.Stream, int]:
+    """A new CUDA stream on ``device`` for a session's ``user_compute_stream``, and its handle."""
+    stream = torch.cuda.Stream(device)
+    return stream, stream.cuda_stream
+
+
 def has_cuda_provider() -> bool:
     """Whether the installed ONNX Runtime can run on CUDA (``onnxruntime-gpu``); BackendError if none is installed."""
     return "CUDAExecutionProvider" in _import_ort().get_available_providers()
@@ -38,8 +44,8 @@ class OrtDenoiser:
     """``denoiser(x_t, timesteps, identity, motion_frames, audio_emb) -> model_out`` via ONNX Runtime.
 
     ``intra_op_threads``: CPU threads per operator (default: ONNX Runtime's choice, all cores).
-    On CUDA, ``onnxruntime-gpu`` must be installed; the session runs on torch's current stream when it
-    is not the legacy default stream.
+    On CUDA, ``onnxruntime-gpu`` must be installed (a session whose CUDA provider fails to load is refused,
+    not run on the CPU); the session runs on a CUDA stream of its own, which waits for torch's by event.
     """
 
     name = "onnxruntime"
@@ -66,6 +72,7 @@ class OrtDenoiser:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+        self._check_provider()
         self._check_io()
         self._out: dict[int, torch.Tensor] = {}
         log.info("onnxruntime %s on %s (%s)", ort.__version__, self.device, self.session.get_providers()[0])
@@ -80,12 +87,18 @@ class OrtDenoiser:
                                "or use device='cpu' or the tensorrt backend")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
-        cuda_opts: dict[str, str] = {"device_id": str(index)}
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        if stream:  # ORT treats 0 (the legacy default stream) as "no user stream"
-            cuda_opts["user_compute_stream"] = str(stream)
-        self._stream = stream
-        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        self._stream, handle = own_stream(self.device)
+        return [("CUDAExecutionProvider", {"device_id": str(index), "user_compute_stream": str(handle)}),
+                "CPUExecutionProvider"]
+
+    def _check_provider(self) -> None:
+        """On CUDA the session's first provider must be CUDA's: ONNX Runtime falls back to the CPU with only a
+        warning when its CUDA provider cannot load (e.g. built for another CUDA than torch's)."""
+        first = self.session.get_providers()[0]
+        if self.device.type == "cuda" and first != "CUDAExecutionProvider":
+            raise BackendError(f"{self.path}: CUDA asked for but ONNX Runtime's CUDA execution provider did not "
+                               f"load (the session runs on {first}); install an onnxruntime-gpu built for torch's "
+                               f"CUDA ({torch.version.cuda or 'none'}), or use device='cpu'")
 
     def _check_io(self) -> None:
         got_in = [i.name for i in self.session.get_inputs()]
@@ -131,9 +144,9 @@ class OrtDenoiser:
             out = self._out[batch] = torch.empty(self.outputs[0].concrete(batch), device=self.device)
         binding.bind_output(name=self.outputs[0].name, device_type="cuda", device_id=index,
                             element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr())
-        current = torch.cuda.current_stream(self.device)
-        if not self._stream or current.cuda_stream != self._stream:
-            current.synchronize()  # ORT runs on another stream: what torch wrote must be ready first
+        # ORT runs on the stream of its own given at creation: it waits for what torch's stream wrote (an
+        # event, no host sync), and the run returns once its stream is done.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(binding)
         return out
 
