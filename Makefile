@@ -25,14 +25,13 @@ test: venv
 	@$(BIN)/python -c "import pytest, dheads.engine" 2>/dev/null || { rm -f $(STAMP); $(MAKE) venv; }
 	$(BIN)/python -m pytest -q
 
-# On a GPU machine: the GPU and TensorRT tests, then the full-size benchmark into
-# benchmarks/results/crema_cuda.{json,md}. GPU_PY is a Python that has dheads[dev] installed over a
-# CUDA build of torch (on CI/dev machines .venv holds the CPU wheel).
+# On a GPU machine, one command: the GPU and TensorRT tests (they export a small bundle and build its plan),
+# then PyTorch, ONNX Runtime (CUDA provider) and TensorRT side by side on the full-size model, into
+# benchmarks/results/gpu_<date>.{json,md} (benchmarks/gpu_check.py). GPU_PY is a Python that has
+# dheads[dev] installed over a CUDA build of torch (on CI/dev machines .venv holds the CPU wheel).
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) -m pytest -m "gpu or tensorrt" -rs
-	$(GPU_PY) -m dheads.benchmarks.cli --model crema --device cuda --backends pytorch --precisions fp32,fp16 \
-		--steps 100 --frames 3 --batch 4 --out benchmarks/results
+	$(GPU_PY) -m dheads.benchmarks.gpu_check --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
