@@ -46,6 +46,7 @@ import numpy as np
 import typer
 
 from dheads.engine.audio import load_audio
+from dheads.engine.backends.base import BackendError
 from dheads.engine.config import SamplerConfig
 from dheads.engine.pipeline import Inputs, TalkingHead
 from dheads.engine.video import read_frames, write_mp4
@@ -254,13 +255,15 @@ def _check_held_out(clips: Sequence[Path], index: dict[str, dict], training: dic
 def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequence[Path] = (),
           sampler: SamplerConfig | None = None, frame_noise: str | None = None, warm_steps: int = 0,
           seeds: Sequence[int] = (0,), long_seconds: float = 10.0, strip_dir: Path | None = None,
-          allow_trained: bool = False, gate: TalkGate = TalkGate()) -> dict:
+          allow_trained: bool = False, gate: TalkGate = TalkGate(), backend: str | None = None,
+          precision: str = "fp32") -> dict:
     """The study's JSON document: per clip the four variants' scores, the verdicts, a summary.
 
     ``controls``: more clips whose speech only drives the shuffled baseline and fills the long run.
-    ``sampler`` None: the engine's default (``study_sampler``).
+    ``sampler`` None: the engine's default (``study_sampler``). ``backend``, ``precision``: what runs the UNet
+    (as dh-run's flags; e.g. openvino bf16 to score a reduced precision against the fp32 seed spread).
     """
-    head = TalkingHead.open(engine)
+    head = TalkingHead.open(engine, backend=backend, precision=precision)
     sampler = study_sampler(head.default_sampler, sampler, frame_noise, warm_steps)
     fps, rate = head.info.audio.fps, head.info.audio.sample_rate
     index = _data_index(Path(data))
@@ -310,7 +313,8 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
                 long_seconds, strip_dir / f"{clip.stem}_long.png" if strip_dir is not None else None)
         log.info("%s: %s", clip.stem, {v: _brief(rows[v]) for v in VARIANTS})
     verdicts = {v: judge(scores, v, gate, max_lag=M.SYNC_MAX_LAG) for v in VARIANTS}
-    return {"engine": str(engine or "demo"), "sampler": sampler.to_dict(), "seeds": list(seeds),
+    return {"engine": str(engine or "demo"), "backend": head.info.backend, "precision": head.info.precision,
+            "sampler": sampler.to_dict(), "seeds": list(seeds),
             "measured_on": "decoded mp4 (H.264, as dh-run writes)", "gate": dataclasses.asdict(gate),
             "clips": per_clip, "summary": summarize(scores),
             "verdicts": {v: {"talks": d.passed, "failed": d.failures(), "rules": d.rules} for v, d in verdicts.items()}}
@@ -392,14 +396,16 @@ def main(clips: list[Path], data: Path = typer.Option(..., help="prepared clips 
          warm_steps: int = typer.Option(0, help="warm start"),
          spacing: str = typer.Option("uniform", help="with --sampler and --steps: uniform | karras | trailing"),
          allow_trained: bool = typer.Option(False, help="measure clips whose speaker trained the model (marked)"),
+         backend: Optional[str] = typer.Option(None, help="what runs the UNet, as dh-run --backend"),
+         precision: str = typer.Option("fp32", help="as dh-run --precision: fp32 | fp16 | bf16 | int8"),
          ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplerConfig(sampler, steps, spacing=spacing) if sampler and steps else None
     try:
         result = study(clips, engine, data=data, controls=list(control or []), sampler=cfg, frame_noise=frame_noise,
                        warm_steps=warm_steps, seeds=seed or [0], long_seconds=long_seconds, strip_dir=strips,
-                       allow_trained=allow_trained)
-    except StudyError as e:
+                       allow_trained=allow_trained, backend=backend, precision=precision)
+    except (StudyError, BackendError) as e:
         typer.echo(f"heldout_study: error: {e}", err=True)
         raise typer.Exit(2) from None
     emit(result, out, table)

@@ -106,3 +106,19 @@ def test_study_refuses_a_clip_that_trained_the_model(prepared, shared_data, tmp_
     clips = [shared_data / "grid" / f"{n}.mpg" for n in ("lbax4n", "sbwe5n")]
     with pytest.raises(StudyError, match=r"^sbwe5n is not held out: its speaker 'sbwe5n' trained the model"):
         study(clips, str(bundle), data=prepared, sampler=SamplerConfig("ddpm", 1), long_seconds=0)
+
+
+def test_study_refuses_a_precision_its_backend_cannot_run_in_one_line(tmp_path):
+    """--backend/--precision reach TalkingHead.open: a pair no backend runs is one line, exit 2, before any clip."""
+    import typer
+    from typer.testing import CliRunner
+
+    from dheads.benchmarks.heldout_study import main
+
+    app = typer.Typer()
+    app.command()(main)
+    res = CliRunner().invoke(app, [str(tmp_path / "lbax4n.mpg"), "--data", str(tmp_path), "--backend", "onnxruntime",
+                                   "--precision", "bf16"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("heldout_study: error: the onnxruntime backend runs fp32, fp16, int8, not bf16; "
+                                  "use --backend openvino")
