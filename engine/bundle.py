@@ -31,6 +31,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 UNET_ONNX = "unet.onnx"
 UNET_ONNX_FP16 = "unet_fp16.onnx"
+UNET_ONNX_INT8 = "unet_int8.onnx"
 UNET_PLAN = "unet.plan"
 TIMING_CACHE = "timing.cache"
 AUDIO_ONNX = "audio_encoder.onnx"

@@ -39,8 +39,10 @@ def describe_sampler(cfg: SamplerConfig) -> str:
     return f"{text}, frame noise {cfg.frame_noise}"
 
 
-def _summary(stats, out: Path, open_s: float, sampler: SamplerConfig) -> None:
+def _summary(stats, out: Path, open_s: float, sampler: SamplerConfig, engine: str = "") -> None:
     t = Table(title=f"wrote {out}", show_header=False)
+    if engine:
+        t.add_row("engine", engine)
     t.add_row("sampler", describe_sampler(sampler))
     t.add_row("frames", f"{stats.frames} ({stats.seconds_of_video:.2f} s of video at 25 fps)")
     t.add_row("total time", f"{stats.total_s:.2f} s")
@@ -133,10 +135,11 @@ def run(
     preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
                                                     "(--sampler/--steps/--warm-steps override its parts)."),
     seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
-    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | tensorrt (default: from the "
-                                                  "engine)."),
+    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | openvino | tensorrt "
+                                                  "(default: from the engine; openvino needs the [openvino] extra)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 (PyTorch backend on GPU)."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 (PyTorch backend on GPU) | bf16 (openvino, CPUs with "
+                                               "bf16) | int8 (openvino or onnxruntime; a bundle with unet_int8.onnx)."),
     crop: str = typer.Option("auto", help="auto: find the face and frame it like the training data; none: centre."),
     frame: int = typer.Option(0, help="Frame index when FACE is a video."),
     max_seconds: Optional[float] = typer.Option(None, help="Use only the first N seconds of the audio."),
@@ -189,7 +192,7 @@ def run(
         err.print(f"dh-run: error: {e.filename or output}: {e.strerror or e}", markup=False, highlight=False,
                   soft_wrap=True)
         raise typer.Exit(2) from None
-    _summary(stats, output, open_s, cfg or head.default_sampler)
+    _summary(stats, output, open_s, cfg or head.default_sampler, head.info.description)
 
 
 @contextlib.contextmanager

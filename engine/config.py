@@ -182,8 +182,10 @@ class DiffusionConfig:
         return _from_dict(cls, data)
 
 
-# The precisions an engine computes in (engine/backends/base.py turns a name into a torch dtype).
-PRECISIONS = ("fp32", "fp16")
+# The precisions an engine computes in (engine/backends/base.py turns a name into a torch dtype; which backend
+# runs which: engine/backends/__init__.py BACKEND_PRECISIONS). bf16 and int8 run on the OpenVINO backend (int8
+# also on ONNX Runtime), from the bundle's ONNX: bf16 from unet.onnx, int8 from unet_int8.onnx.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)

@@ -137,14 +137,17 @@ def test_torch_compile_matches_eager_on_cpu(reference):
 def test_precision_names_become_dtypes_in_one_place():
     from dheads.engine.backends import PRECISIONS, precision_dtype
 
-    assert PRECISIONS == ("fp32", "fp16")
-    assert [precision_dtype(p) for p in PRECISIONS] == [torch.float32, torch.float16]
-    with pytest.raises(BackendError, match=r"^precision must be one of fp32, fp16, got 'bf16'$"):
+    assert PRECISIONS == ("fp32", "fp16", "bf16", "int8")
+    assert [precision_dtype(p) for p in PRECISIONS[:2]] == [torch.float32, torch.float16]
+    with pytest.raises(BackendError, match=r"^precision must be one of fp32, fp16, bf16, int8, got 'fp8'$"):
+        precision_dtype("fp8")
+    with pytest.raises(BackendError, match=r"^precision bf16 runs on an exported bundle with --backend openvino; "
+                                           r"PyTorch runs fp32 or fp16$"):
         precision_dtype("bf16")
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"precision": "bf16"}, "precision must be one of fp32, fp16, got 'bf16'"),
+    ({"precision": "fp8"}, "precision must be one of fp32, fp16, bf16, int8, got 'fp8'"),
     ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ({"device": "cuda:x"}, "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     ({"threads": 0}, "threads must be None (auto) or a positive count, got 0"),

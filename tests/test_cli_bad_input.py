@@ -127,7 +127,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
         "audio with nan": ([face, i / "nan.wav", "--engine", eng, "-o", out / "out.mp4"],
                            f"{i / 'nan.wav'}: 1 of 64000 samples are NaN or infinite (a corrupt float file); "
                            "re-encode it or give another file"),
-        "precision int8": ([*ok, "--precision", "int8"], "precision must be one of fp32, fp16, got 'int8'"),
+        "precision fp8": ([*ok, "--precision", "fp8"], "precision must be one of fp32, fp16, bf16, int8, got 'fp8'"),
         "device gpu": ([*ok, "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         "checkpoint without model_config": ([face, wav, "--engine", i / "no_config.pt", "-o", out / "out.mp4"],
                                             f"{i / 'no_config.pt'}: dheads checkpoint is missing model_config "
@@ -139,7 +139,7 @@ def _run_cases(i: Path, out: Path) -> dict[str, tuple[list, str]]:
 RUN_CASES = ["steps 0", "steps -1", "steps 100000", "steps abc", "sampler foo", "crop centre", "spacing log", "frame-noise same", "seed 2**70",
              "max-seconds nan", "max-seconds -3", "unknown option", "output is the face", "output is the audio",
              "output under a file", "output name too long", "face is a folder", "wav as face", "truncated png",
-             "audio with inf", "audio with nan", "precision int8", "device gpu", "checkpoint without model_config"]
+             "audio with inf", "audio with nan", "precision fp8", "device gpu", "checkpoint without model_config"]
 
 
 @pytest.mark.parametrize("case", RUN_CASES)

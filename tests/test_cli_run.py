@@ -226,6 +226,7 @@ def test_threads_flag_sets_torch_threads_and_logs_progress_when_not_a_terminal(s
     assert len(lines) == 10 and lines[-1].startswith("frames 10/10, "), lines
     assert "time to first frame" in r.stderr
     assert re.search(r"sampler\s+\S\s+\w+, 1 step, frame noise fresh", r.stderr), r.stderr  # what it ran
+    assert re.search(r"engine\s+\S\s+pytorch fp32 on cpu", r.stderr), r.stderr  # what ran it
 
 
 def test_summary_names_the_sampler_the_video_was_made_with():

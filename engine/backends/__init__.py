@@ -1,8 +1,8 @@
 """Open any engine artifact as a Denoiser: a TensorRT plan, an export bundle, an ONNX file or a checkpoint.
 
 ``open_denoiser(path)`` picks the backend from what ``path`` is; ``backend=`` overrides it where the
-artifact allows (a bundle runs with onnxruntime or tensorrt; a checkpoint only with pytorch).
-Heavy libraries (onnxruntime, tensorrt) are imported only when their backend is opened.
+artifact allows (a bundle runs with onnxruntime, openvino or tensorrt; a checkpoint only with pytorch).
+Heavy libraries (onnxruntime, openvino, tensorrt) are imported only when their backend is opened.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .base import (PRECISIONS, BackendError, BatchProfile, Denoiser, TensorSpec,
 if TYPE_CHECKING:
     from ..bundle import Manifest
 
-__all__ = ["BACKENDS", "PRECISIONS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec",
+__all__ = ["BACKENDS", "BACKEND_PRECISIONS", "PRECISIONS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec",
            "example_inputs", "open_denoiser", "pick_device", "precision_dtype", "torch_denoiser", "unet_io_spec"]
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 # The registry: which backends run a checkpoint's module (name -> the Denoiser class, imported when used),
 # and which run an exported artifact (opened by _open_exported). BACKENDS is every name, in this order.
 TORCH_BACKENDS = {"pytorch": "TorchDenoiser", "torch-compile": "CompiledTorchDenoiser"}
-EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 BACKENDS = (*TORCH_BACKENDS, *EXPORTED_BACKENDS)
+# Which precisions each backend computes in (config.PRECISIONS names them all). A TensorRT plan computes in
+# the precision it was built with; bf16 needs a CPU whose OpenVINO reports BF16 (checked when opened).
+BACKEND_PRECISIONS = {"pytorch": ("fp32", "fp16"), "torch-compile": ("fp32", "fp16"),
+                      "onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ("fp32", "fp16"),
+                      "openvino": ("fp32", "bf16", "int8")}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -65,7 +70,8 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     with a plan runs on TensorRT when it is installed and ``device`` is CUDA, else on ONNX Runtime).
     ``device``: ``"auto"`` takes CUDA where torch sees a GPU, except for ONNX Runtime without its CUDA
     execution provider (plain ``onnxruntime``), which then runs on the CPU.
-    ``precision``: ``"fp32" | "fp16"`` for pytorch and onnxruntime (fp16 uses ``unet_fp16.onnx``); a plan
+    ``precision``: ``"fp32" | "fp16"`` for pytorch and onnxruntime (fp16 uses ``unet_fp16.onnx``), ``"int8"``
+    for onnxruntime and openvino (``unet_int8.onnx``), ``"bf16"`` for openvino (``BACKEND_PRECISIONS``); a plan
     computes in the precision it was built with (logged when it differs). ``model_config``: when given,
     the engine must have been made for exactly this config. Raises BackendError (one line).
     """
@@ -73,6 +79,9 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     check_precision(precision)
+    if backend is not None and precision not in BACKEND_PRECISIONS[backend]:
+        raise BackendError(f"the {backend} backend runs {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}"
+                           + ("; use --backend openvino" if precision == "bf16" else ""))
     auto = str(device) == "auto"
     device = pick_device("auto") if auto else torch.device(device)
     if not path.exists():
@@ -158,7 +167,7 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
     except BundleError as e:
         raise BackendError(f"{path}: needs the manifest.json dh-export writes beside it ({e})") from None
     _check_model(path, manifest.model, model_config)
-    backend = backend or _default_backend(kind, bundle, manifest, device)
+    backend = backend or _default_backend(kind, bundle, manifest, device, precision)
     if backend in TORCH_BACKENDS:
         raise BackendError(f"{path}: an export bundle holds no PyTorch weights; pass the checkpoint it was made "
                            f"from ({manifest.source_name or 'sha256 ' + manifest.source_sha256[:12]}) instead")
@@ -168,6 +177,13 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
                                "machine with TensorRT, or use backend='onnxruntime'")
         plan = path if kind == "plan" else bundle / (manifest.tensorrt.plan_file if manifest.tensorrt else UNET_PLAN)
         den, used = _open_plan(plan, manifest, device, precision)
+    elif backend == "openvino":
+        if kind == "plan":
+            raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
+                               "directory or its .onnx for openvino")
+        if device.type != "cpu" and not auto_device:
+            raise BackendError(f"the openvino backend runs on the CPU, not {device}; pass device='cpu'")
+        den, used = _open_openvino(path if kind == "onnx" else None, bundle, manifest, precision, intra_op_threads)
     else:
         if kind == "plan":
             raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
@@ -187,9 +203,12 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
     return den, info
 
 
-def _default_backend(kind: str, bundle: Path, manifest: Manifest, device: torch.device) -> str:
+def _default_backend(kind: str, bundle: Path, manifest: Manifest, device: torch.device,
+                     precision: str = "fp32") -> str:
     if kind == "plan":
         return "tensorrt"
+    if precision == "bf16" or (precision == "int8" and importlib.util.find_spec("openvino") is not None):
+        return "openvino"
     if kind == "onnx":
         return "onnxruntime"
     has_plan = manifest.tensorrt is not None and (bundle / manifest.tensorrt.plan_file).is_file()
@@ -215,16 +234,34 @@ def _open_plan(plan: Path, manifest: Manifest, device: torch.device, precision: 
 
 def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torch.device, precision: str,
                intra_op_threads: int | None) -> tuple[Denoiser, str]:
-    from ..bundle import UNET_ONNX, UNET_ONNX_FP16
+    from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
     from .onnxruntime_ import OrtDenoiser
 
-    if onnx is None:
-        onnx = bundle / (UNET_ONNX_FP16 if precision == "fp16" else UNET_ONNX)
-        if not onnx.is_file():
-            raise BackendError(f"{bundle}: the bundle has no {onnx.name}"
-                               + ("; export with --precision fp16 for fp16 ONNX" if precision == "fp16" else ""))
-    used = "fp16" if onnx.name == UNET_ONNX_FP16 else "fp32"
+    onnx = onnx or bundle_onnx(bundle, precision)
+    used = {UNET_ONNX_FP16: "fp16", UNET_ONNX_INT8: "int8"}.get(onnx.name, "fp32")
     return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
+
+
+def bundle_onnx(bundle: Path, precision: str) -> Path:
+    """The bundle's ONNX for ``precision`` (fp16: ``unet_fp16.onnx``, int8: ``unet_int8.onnx``, else ``unet.onnx``);
+    BackendError (one line, with the export command) when the bundle lacks it."""
+    from ..bundle import UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8
+
+    onnx = bundle / {"fp16": UNET_ONNX_FP16, "int8": UNET_ONNX_INT8}.get(precision, UNET_ONNX)
+    if not onnx.is_file():
+        hint = {"fp16": "; export with --precision fp16 for fp16 ONNX",
+                "int8": f"; make one with `dh-export {bundle} --precision int8 -o NEW_BUNDLE`"}.get(precision, "")
+        raise BackendError(f"{bundle}: the bundle has no {onnx.name}{hint}")
+    return onnx
+
+
+def _open_openvino(onnx: Path | None, bundle: Path, manifest: Manifest, precision: str,
+                   threads: int | None) -> tuple[Denoiser, str]:
+    """OpenVINO over the bundle's ONNX: fp32 and bf16 from ``unet.onnx``, int8 from ``unet_int8.onnx``."""
+    from .openvino_ import OvDenoiser
+
+    onnx = onnx or bundle_onnx(bundle, precision)
+    return OvDenoiser(onnx, manifest.model, precision=precision, threads=threads), precision
 
 
 def _check_model(path: Path, have: ModelConfig, want: ModelConfig | None) -> None:

@@ -25,8 +25,12 @@ def check_precision(precision: str) -> str:
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    """``"fp32" -> torch.float32``, ``"fp16" -> torch.float16``; BackendError for anything else."""
-    return _DTYPES[check_precision(precision)]
+    """``"fp32" -> torch.float32``, ``"fp16" -> torch.float16``; BackendError for anything else (bf16 and int8
+    run only on an exported engine: the openvino backend)."""
+    if check_precision(precision) not in _DTYPES:
+        raise BackendError(f"precision {precision} runs on an exported bundle with --backend openvino; "
+                           f"PyTorch runs {' or '.join(_DTYPES)}")
+    return _DTYPES[precision]
 
 
 # Input order of the exported UNet; the names are the ONNX/TensorRT tensor names.
