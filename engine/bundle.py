@@ -7,6 +7,8 @@ nothing from ``dheads.export``). A bundle holds:
 * ``unet.onnx``: the fp32 UNet, static image size, dynamic batch axis ``batch``;
 * ``unet_fp16.onnx`` (``--precision fp16``): the same graph in fp16 with fp32 I/O, GroupNorm, softmax and
   timestep embedding (what a strongly typed TensorRT network is built from);
+* ``unet_int8.onnx`` (``--precision int8``): a QDQ ONNX quantized by NNCF on real calls of the fp32 UNet
+  (:class:`Int8Record`: what calibrated it and how close it stays to fp32); ONNX Runtime and OpenVINO run it;
 * ``unet.plan`` + ``timing.cache`` where TensorRT was available at export time;
 * ``audio_encoder.onnx`` when the SDA encoder was exported.
 """
@@ -90,6 +92,28 @@ class TensorRTRecord:
 
 
 @dataclass(frozen=True)
+class Int8Record:
+    """How ``unet_int8.onnx`` was made: from which fp32 ONNX (name, sha256), by what (``method``, ``tools``),
+    calibrated on what (``calibration``: sources with their hashes, the sampler and timesteps, call counts) and
+    how close it stays to fp32 on real calls held back from calibration (``parity``). JSON values only."""
+
+    file: str
+    source_file: str
+    source_sha256: str
+    method: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Int8Record:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class AudioEncoderRecord:
     """The audio encoder the model expects: exported (``kind="onnx"``, ``file`` set) or only named.
 
@@ -142,6 +166,7 @@ class Manifest:
     tensorrt: TensorRTRecord | None = None
     audio_encoder: AudioEncoderRecord | None = None
     training: dict[str, Any] = field(default_factory=dict)  # what trained it: {"speakers": [...], "clips": [...]}
+    int8: Int8Record | None = None
     created: str = ""
     format: str = FORMAT
     version: int = VERSION
@@ -174,6 +199,7 @@ class Manifest:
             "tensorrt": self.tensorrt.to_dict() if self.tensorrt else None,
             "audio_encoder": self.audio_encoder.to_dict() if self.audio_encoder else None,
             "training": self.training or None,
+            **({"int8": self.int8.to_dict()} if self.int8 else {}),
         }
 
     @classmethod
@@ -197,6 +223,7 @@ class Manifest:
             tensorrt=TensorRTRecord.from_dict(d["tensorrt"]) if d.get("tensorrt") else None,
             audio_encoder=AudioEncoderRecord.from_dict(d["audio_encoder"]) if d.get("audio_encoder") else None,
             training=dict(d.get("training") or {}),
+            int8=Int8Record.from_dict(d["int8"]) if d.get("int8") else None,
             created=d.get("created", ""),
             format=d.get("format", FORMAT),
             version=d.get("version", VERSION),

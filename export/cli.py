@@ -62,32 +62,44 @@ def _summary(result) -> None:
     for f in m.files:
         files.add_row(escape(f.name), _size(f.bytes), f.sha256[:16])
     out.print(files)
-    parity = Table(title="parity against eager PyTorch (fresh random inputs)")
+    parity = Table(title="parity against eager PyTorch (fresh random inputs)" if result.reports else "parity")
     for col in ("engine", "output", "max abs", "rel", "rtol / atol", "ok"):
         parity.add_column(col)
     for r in result.reports:
         for name, s in r.stats.items():
             parity.add_row(escape(r.engine), escape(name), f"{s.max_abs:.3g}", f"{s.rel:.3g}",
                            f"{r.tolerance.rtol:g} / {r.tolerance.atol:g}", "yes" if s.passes(r.tolerance) else "NO")
+    if m.int8 is not None:
+        p = m.int8.parity
+        parity.add_row(escape(p["engine"]) + f" ({p['calls']} held-back real calls)", "model_out",
+                       f"{p['max_abs']:.3g}", f"{p['rel_l2']:.3g}", f"rel L2 <= {p['bound_rel_l2']:g}",
+                       "yes" if p["passed"] else "NO")
     out.print(parity)
     times = Table(title="time", show_header=False)
     for stage, seconds in result.timings.items():
         times.add_row(stage, f"{seconds:.1f} s")
     times.add_row("total", f"{sum(result.timings.values()):.1f} s")
     out.print(times)
-    if m.tensorrt is None:
+    if m.tensorrt is None and not (m.int8 is not None and not result.reports):
         out.print("no unet.plan: TensorRT or a CUDA GPU was not available (run dh-export again on the GPU machine)")
 
 
 @app.command(cls=OneLineErrors)
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint: ours, the authors' crema_script.pt, or Lightning."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint: ours, the authors' crema_script.pt, or Lightning; "
+                                      "with --precision int8 also an fp32 bundle folder (copied, int8 added)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle directory "
                                           "(default: CHECKPOINT's name + '_bundle', beside it)."),
     audio_encoder: Optional[Path] = typer.Option(None, "--audio-encoder", help="The authors' audio_encoder.pt, "
                                                  "to bundle the SDA encoder as ONNX."),
     precision: str = typer.Option("fp16", help="fp16 | fp32: precision of the TensorRT plan (fp16 also writes "
-                                  "unet_fp16.onnx)."),
+                                  "unet_fp16.onnx); int8: fp32 plus unet_int8.onnx, quantized by NNCF on real "
+                                  "calls of the fp32 UNet rendering --calibrate sources."),
+    calibrate: Optional[list[str]] = typer.Option(None, "--calibrate", help="int8 calibration source, repeatable: "
+                                                  "a video clip (its first frame + its speech) or FACE,AUDIO "
+                                                  "(default: the packaged example face and speech)."),
+    calibration_seconds: float = typer.Option(2.0, help="Seconds of each calibration source rendered (all steps "
+                                              "of every frame recorded)."),
     batch: str = typer.Option("1", help="Batch sizes the engine accepts: N, or MIN:OPT:MAX."),
     opset: int = typer.Option(18, help="ONNX opset (18..21)."),
     image_size: Optional[int] = typer.Option(None, help="Resolution to export at, for checkpoints that do not "
@@ -109,12 +121,29 @@ def export(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .errors import FAILURES, USER_ERRORS
+    from .errors import FAILURES, USER_ERRORS, ExportError
     from .pipeline import run_export
 
     profile = parse_batch(batch)
-    out_dir = output if output is not None else checkpoint.with_name(checkpoint.stem + "_bundle")
+    from .quantize import CalibrationSource
+
+    suffix = "_int8" if precision == "int8" and checkpoint.is_dir() else "_bundle"
+    out_dir = output if output is not None else checkpoint.with_name(checkpoint.stem + suffix)
     try:
+        if calibrate and precision != "int8":
+            raise ExportError("--calibrate is only for --precision int8")
+        if not calibration_seconds > 0:
+            raise ExportError(f"--calibration-seconds must be > 0, got {calibration_seconds}")
+        calibration = [CalibrationSource.parse(c, seed=i, seconds=calibration_seconds)
+                       for i, c in enumerate(calibrate or ())] or None
+        if precision == "int8" and checkpoint.is_dir():
+            from .pipeline import run_quantize
+
+            with err.status("starting") as status:
+                result = run_quantize(checkpoint, out_dir, calibration=calibration, overwrite=overwrite,
+                                      on_stage=lambda name: status.update(f"{escape(name)} ..."))
+            _summary(result)
+            return
         with err.status("starting") as status:
             def on_stage(name: str) -> None:  # a transient spinner: stderr stays clean when not a terminal
                 status.update(f"{escape(name)} ...")
@@ -122,7 +151,8 @@ def export(
             result = run_export(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
                                 profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
                                 timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
-                                frame_noise=frame_noise, steps=steps, spacing=spacing, on_stage=on_stage)
+                                frame_noise=frame_noise, steps=steps, spacing=spacing, calibration=calibration,
+                                on_stage=on_stage)
     except USER_ERRORS as e:
         _fail(e, 2)
     except FAILURES as e:

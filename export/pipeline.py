@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from dheads.engine.backends.base import BatchProfile, unet_io_spec
-from dheads.engine.bundle import (MANIFEST, UNET_ONNX, UNET_ONNX_FP16, UNET_PLAN, BundleFile, Manifest,
-                                  read_manifest, sha256_file, write_manifest)
+from dheads.engine.bundle import (MANIFEST, UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8, UNET_PLAN, BundleError,
+                                  BundleFile, Manifest, read_manifest, sha256_file, write_manifest)
 from dheads.engine.checkpoint import load_checkpoint
 from dheads.engine.config import SPACINGS
 from dheads.engine.noise import noise_correlation
@@ -75,13 +75,15 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
                profile: BatchProfile = BatchProfile(), opset: int = DEFAULT_OPSET, tensorrt: bool | None = None,
                overwrite: bool = False, seed: int | None = None, timing_cache=None, trt_typing: str = "auto",
                ema: bool = True, image_size: int | None = None, frame_noise: str | None = None,
-               steps: int | None = None, spacing: str | None = None,
+               steps: int | None = None, spacing: str | None = None, calibration: tuple | None = None,
                on_stage: StageFn | None = None) -> ExportResult:
     """:func:`export_bundle`, also returning stage timings and parity reports (for the CLI's summary).
 
     ``frame_noise``: the bundle's default frame noise (``engine/noise.py``), recorded in its manifest in
     place of the checkpoint's; None keeps the checkpoint's. ``steps``, ``spacing``: likewise the bundle's
-    default step count and step placement (e.g. 4 trailing steps for a model that samples well on them)."""
+    default step count and step placement (e.g. 4 trailing steps for a model that samples well on them).
+    ``precision="int8"``: the fp32 bundle plus ``unet_int8.onnx`` calibrated on ``calibration`` (a sequence of
+    ``quantize.CalibrationSource``; None: the packaged example face and speech), see :func:`add_int8`."""
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     _check_request(ckpt_path, out_dir, precision, opset, overwrite, image_size, frame_noise, steps, spacing)
     build_plan = _want_tensorrt(tensorrt)
@@ -98,7 +100,7 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
         with stage("verify unet.onnx (onnxruntime vs torch)"):
             reports = [verify_onnx(tmp / UNET_ONNX, model, profile, tolerance=ORT_FP32, seed=seed)]
             reports[-1].raise_if_failed()
-        if precision == "fp16":
+        if precision == "fp16":  # int8: the fp32 graph, quantized after the manifest is written
             with stage("export unet_fp16.onnx"):
                 export_unet_onnx(model, tmp / UNET_ONNX_FP16, precision="fp16", opset=opset, profile=profile)
             with stage("verify unet_fp16.onnx (onnxruntime vs torch)"):
@@ -107,13 +109,14 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
         with stage("audio encoder"):
             audio = audio_record(audio_encoder, ckpt.audio, ckpt.model, tmp, opset=opset, seed=seed)
         inputs, outputs = unet_io_spec(ckpt.model)
+        base_precision = "fp32" if precision == "int8" else precision
         manifest = Manifest(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, inputs=tuple(inputs),
-                            outputs=tuple(outputs), profile=profile, precision=precision, source_sha256=source_sha,
+                            outputs=tuple(outputs), profile=profile, precision=base_precision, source_sha256=source_sha,
                             source_name=ckpt_path.name, source_kind=ckpt.source, opset=opset, tools=tool_versions(),
                             audio_encoder=audio, training=dict(ckpt.meta.get("trained_on") or {}),
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if build_plan:
-            manifest, plan_report = _tensorrt_stage(stage, tmp, manifest, model, precision, profile, trt_typing,
+            manifest, plan_report = _tensorrt_stage(stage, tmp, manifest, model, base_precision, profile, trt_typing,
                                                     timing_cache, seed)
             reports.append(plan_report)
         with stage("write manifest"):
@@ -124,11 +127,68 @@ def run_export(ckpt_path, out_dir, *, audio_encoder=None, precision: str = "fp16
             write_manifest(tmp, manifest)
             if read_manifest(tmp) != manifest:
                 raise ExportError("the manifest does not read back as written")
+        if precision == "int8":
+            manifest = add_int8(tmp, calibration, stage)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(manifest=manifest, out_dir=out_dir, timings=stage.timings, reports=reports)
+
+
+def add_int8(bundle: Path, calibration=None, stage=None, threads: int | None = None) -> Manifest:
+    """Write ``unet_int8.onnx`` into ``bundle`` (a finished fp32 bundle, in its temporary folder) from real calls
+    of its fp32 UNet on ``calibration`` (None: the packaged example face and speech), check its parity, and
+    record both in the manifest. Returns the new manifest."""
+    from .quantize import default_sources, make_int8
+
+    stage = stage or _Stages(None)
+    manifest = read_manifest(bundle)
+    sources = list(calibration) if calibration else default_sources()
+    sampler = _default_sampler_dict(manifest)
+    with stage("quantize unet_int8.onnx (NNCF, real calibration)"):
+        record = make_int8(bundle, bundle / UNET_ONNX, bundle / UNET_ONNX_INT8, sources, sampler, threads)
+    with stage("write manifest"):
+        manifest = replace(manifest, int8=record, files=_bundle_files(bundle),
+                           tools={**manifest.tools, **record.tools},
+                           verification={**manifest.verification, "int8": record.parity})
+        write_manifest(bundle, manifest)
+    return manifest
+
+
+def _default_sampler_dict(manifest: Manifest) -> dict:
+    from dheads.engine.plan import default_sampler
+
+    return default_sampler(manifest.diffusion).to_dict()
+
+
+def run_quantize(bundle: str | os.PathLike, out_dir: str | os.PathLike, *, calibration=None, overwrite: bool = False,
+                 threads: int | None = None, on_stage: StageFn | None = None) -> ExportResult:
+    """An existing fp32 bundle in, a copy of it with ``unet_int8.onnx`` out (``dh-export BUNDLE --precision
+    int8``); all or nothing, as :func:`run_export`."""
+    bundle, out_dir = Path(bundle), Path(out_dir)
+    try:
+        read_manifest(bundle)
+    except BundleError as e:
+        raise ExportError(str(e)) from None
+    if not (bundle / UNET_ONNX).is_file():
+        raise ExportError(f"{bundle}: no {UNET_ONNX} to quantize")
+    if out_dir.resolve() == bundle.resolve():
+        raise ExportError(f"{out_dir}: give the int8 bundle a folder of its own (-o), not the source bundle")
+    _check_output(out_dir, overwrite)
+    stage = _Stages(on_stage)
+    tmp = _make_temp_dir(out_dir)
+    try:
+        with stage("copy bundle"):
+            for p in sorted(bundle.iterdir()):
+                if p.is_file() and p.name != UNET_ONNX_INT8:
+                    shutil.copy2(p, tmp / p.name)
+        manifest = add_int8(tmp, calibration, stage, threads)
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(manifest=manifest, out_dir=out_dir, timings=stage.timings)
 
 
 def _tensorrt_stage(stage, tmp: Path, manifest: Manifest, model, precision: str, profile: BatchProfile,
@@ -209,8 +269,8 @@ def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwr
         raise ExportError(f"--steps must be at least 1, got {steps}")
     if spacing is not None and spacing not in SPACINGS:
         raise ExportError(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-    if precision not in ("fp16", "fp32"):
-        raise ExportError(f"--precision must be fp16 or fp32, got {precision!r}")
+    if precision not in ("fp16", "fp32", "int8"):
+        raise ExportError(f"--precision must be fp16, fp32 or int8, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (torch's exporter "
                           f"emits opset 18+; its conversion down to 17 produces invalid Split nodes)")
@@ -218,6 +278,10 @@ def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwr
         raise ExportError(f"{ckpt}: no such file")
     if not ckpt.is_file():
         raise ExportError(f"{ckpt}: is a directory, not a checkpoint file")
+    _check_output(out_dir, overwrite)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
             raise ExportError(f"{out_dir}: already exists; pass --overwrite to replace it")

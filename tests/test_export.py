@@ -241,7 +241,8 @@ def test_existing_output_needs_overwrite(tmp_path, ckpt):
     assert entries(tmp_path) == ["out"] and entries(tmp_path / "out") == ["keep.txt"]
 
 
-@pytest.mark.parametrize("args, fragment", [(["--opset", "17"], "opset 17"), (["--precision", "int8"], "int8"),
+@pytest.mark.parametrize("args, fragment", [(["--opset", "17"], "opset 17"), (["--precision", "bf16"], "bf16"),
+                                            (["--calibrate", "x.mpg"], "--calibrate is only for --precision int8"),
                                             (["--frame-noise", "1.5"], "--frame-noise must be one of fresh, repeat "
                                                                        "or a correlation between 0 and 1 (e.g. 0.8), "
                                                                        "got '1.5'")])
