@@ -56,12 +56,21 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="Also write <name>.json and <name>.md into this folder "
                                                   "(default: print only; the committed results are in "
                                                   "benchmarks/results)."),
-    name: str = typer.Option("", help="Result file stem (default: <model>_<device>, + _parity with --no-timing)."),
+    name: str = typer.Option("", help="Result file stem (default: <model>_<device>, + _parity with --no-timing; "
+                                      "with --compare: cpu_engines_<date>)."),
+    compare: Optional[str] = typer.Option(None, help="CPU engines to compare instead, interleaved frame by frame on a "
+                                          "real render (benchmarks/cpu_engines.py): a comma list of backend:precision, "
+                                          "or 'all' (onnxruntime:fp32,int8 and openvino:fp32,bf16,int8)."),
+    engine: Optional[Path] = typer.Option(None, help="With --compare: the bundle (default: the packaged demo; int8 "
+                                          "rows need a bundle that holds unet_int8.onnx, see dh-export --precision int8)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress (INFO)."),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         logging.getLogger("dheads").setLevel(logging.INFO)  # our progress; not the exporter libraries' chatter
+    if compare is not None:
+        _compare(compare, engine, frames, repeats, threads, out, name)
+        return
     if model not in MODEL_NAMES:
         raise typer.BadParameter(f"choose one of {', '.join(MODEL_NAMES)}", param_hint="--model")
     for value, hint in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch"), (repeats, "--repeats")):
@@ -93,6 +102,38 @@ def bench(
         stem = name or f"{model}_{result['machine']['device'].split(':')[0]}" + ("" if timing else "_parity")
         js, md = write_results(result, out, stem)
         err.print(f"wrote {js} and {md}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _compare(engines: str, bundle: Path | None, frames: int, repeats: int, threads: int, out: Path | None,
+             name: str) -> None:
+    """dh-bench --compare: the CPU engines side by side (``--frames`` frames after the first, ``--repeats`` calls)."""
+    from .cpu_engines import DEFAULT_ENGINES, CompareConfig, compare, markdown, parse_engines
+
+    try:
+        pairs = DEFAULT_ENGINES if engines.strip() == "all" else parse_engines(engines)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--compare") from None
+    if threads < 0:
+        raise typer.BadParameter(f"must be 0 (auto) or a positive count, got {threads}", param_hint="--threads")
+    cc = CompareConfig(engines=pairs, bundle=None if bundle is None else str(bundle), frames=max(frames, 1),
+                       calls=max(repeats, 1), threads=threads)
+    from dheads.engine.backends import BackendError
+
+    try:
+        result = compare(cc)
+    except BackendError as e:
+        err.print(f"dh-bench: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    text = markdown(result)
+    _print_table(text)
+    if out is not None:
+        import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        stem = name or f"cpu_engines_{result['date'][:10]}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+        err.print(f"wrote {out / stem}.json and .md", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

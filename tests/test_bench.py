@@ -126,3 +126,33 @@ def test_dh_bench_demo_bundle_on_onnxruntime(tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == ("dh-bench: error: --model demo is the packaged fp32 ONNX bundle: use --backends "
                                   "onnxruntime --precisions fp32, with timing")
+
+
+def test_compare_engines_parses_backend_precision_pairs():
+    from dheads.benchmarks.cpu_engines import parse_engines
+
+    assert parse_engines("onnxruntime:fp32, openvino:bf16") == (("onnxruntime", "fp32"), ("openvino", "bf16"))
+    for bad in ("openvino:fp16", "tensorrt:fp32", "onnxruntime", ""):
+        with pytest.raises(ValueError):
+            parse_engines(bad)
+
+
+def test_dh_bench_compare_renders_interleaved_and_records_machine_and_load(tmp_path):
+    """Two CPU engines on the demo, 2 frames each after the first: the JSON's shape, not its speed. An engine that
+    cannot open here (int8: the demo has no unet_int8.onnx) is listed as skipped with its one-line reason."""
+    args = ["--compare", "onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp32", "--frames", "2", "--repeats", "2",
+            "--threads", "1", "--out", str(tmp_path), "--name", "c"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert {"load1", "load5", "load15", "runnable_others"} <= set(result["load_before"]) == set(result["load_after"])
+    assert result["machine"]["usable_cores"] >= 1 and result["threads"]["engine"] == 1
+    rows = result["results"]
+    assert [r["engine"] for r in rows] == ["onnxruntime fp32", "onnxruntime fp32"]
+    assert "unet_int8.onnx" in result["skipped"]["onnxruntime int8"]
+    for r in rows:
+        assert r["frame"]["n"] == 2 and r["call"]["n"] == 2 and r["first_frame_ms"] > 0
+        assert r["fps"] == pytest.approx(1000 / r["frame"]["median_ms"])
+        assert r["real_time_factor"] == pytest.approx(r["frame"]["median_ms"] / 1000 * 25)
+        assert r["time_to_first_frame_s"] > r["open_s"] and r["vs_onnxruntime_fp32"]["rel_l2"] == 0.0
+    assert (tmp_path / "c.md").read_text().count("| onnxruntime fp32 |") == 2
