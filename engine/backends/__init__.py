@@ -69,7 +69,9 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
     ``backend``: ``"pytorch" | "onnxruntime" | "tensorrt"``; None picks from the artifact (a bundle
     with a plan runs on TensorRT when it is installed and ``device`` is CUDA, else on ONNX Runtime).
     ``device``: ``"auto"`` takes CUDA where torch sees a GPU, except for ONNX Runtime without its CUDA
-    execution provider (plain ``onnxruntime``), which then runs on the CPU.
+    execution provider (plain ``onnxruntime``), which then runs on the CPU; on the CPU, a bundle with no
+    ``backend`` and precision fp32 runs on the fastest engine that passed quality parity for its model
+    (``engine.cpu_choice``; ONNX Runtime fp32 where none did).
     ``precision``: ``"fp32" | "fp16"`` for pytorch and onnxruntime (fp16 uses ``unet_fp16.onnx``), ``"int8"``
     for onnxruntime and openvino (``unet_int8.onnx``), ``"bf16"`` for openvino (``BACKEND_PRECISIONS``); a plan
     computes in the precision it was built with (logged when it differs). ``model_config``: when given,
@@ -167,6 +169,10 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
     except BundleError as e:
         raise BackendError(f"{path}: needs the manifest.json dh-export writes beside it ({e})") from None
     _check_model(path, manifest.model, model_config)
+    if backend is None and auto_device and kind == "bundle" and precision == "fp32" and device.type == "cpu":
+        from ..cpu_choice import choose
+
+        backend, precision = choose(bundle)  # the fastest engine that passed quality parity for this model
     backend = backend or _default_backend(kind, bundle, manifest, device, precision)
     if backend in TORCH_BACKENDS:
         raise BackendError(f"{path}: an export bundle holds no PyTorch weights; pass the checkpoint it was made "

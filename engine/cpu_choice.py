@@ -1,0 +1,67 @@
+"""What ``--device auto`` runs a bundle with on a CPU: the fastest engine that passed quality parity for that model.
+
+A reduced precision is offered only for a model it was measured on (keyed by the sha256 of its ``unet.onnx``)
+and only when the held-out quality study scored it within the fp32 model's seed spread
+(``benchmarks/heldout_study.py --backend/--precision``); the speed order is ``dh-bench --compare``'s. Anything
+else, or an engine this machine cannot run (no openvino, a CPU without bf16, a bundle without
+``unet_int8.onnx``), falls through to the next, and finally to ONNX Runtime fp32. ``--device cpu`` or an
+explicit ``--backend`` skips the choice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FALLBACK = ("onnxruntime", "fp32")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Engines that passed parity for one model, fastest first, and where the numbers are."""
+
+    engines: tuple[tuple[str, str], ...]
+    evidence: str
+
+
+# unet.onnx sha256 -> what passed. Filled from measurements only (see the module docstring).
+PASSED: dict[str, Measured] = {}
+
+
+def choose(bundle: Path) -> tuple[str, str]:
+    """(backend, precision) for a bundle on the CPU: the first of its model's measured engines that runs here
+    (the model is known by the sha256 of the ``unet.onnx`` on disk, not the manifest's word for it)."""
+    from .bundle import UNET_ONNX, sha256_file
+
+    onnx = bundle / UNET_ONNX
+    measured = PASSED.get(sha256_file(onnx)) if PASSED and onnx.is_file() else None
+    if measured is None:
+        return FALLBACK
+    for backend, precision in measured.engines:
+        why = unavailable(bundle, backend, precision)
+        if why is None:
+            log.info("--device auto on the CPU: %s %s (%s)", backend, precision, measured.evidence)
+            return backend, precision
+        log.info("--device auto: not %s %s (%s)", backend, precision, why)
+    return FALLBACK
+
+
+def unavailable(bundle: Path, backend: str, precision: str) -> str | None:
+    """Why ``backend`` cannot run ``precision`` of ``bundle`` here, or None when it can."""
+    from .bundle import UNET_ONNX_INT8
+
+    if precision == "int8" and not (bundle / UNET_ONNX_INT8).is_file():
+        return f"no {UNET_ONNX_INT8}"
+    if backend == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            return "openvino is not installed"
+        from .backends.openvino_ import OV_PRECISIONS, CpuInfo, import_openvino
+
+        caps = CpuInfo.of(import_openvino().Core()).capabilities
+        if OV_PRECISIONS[precision][1] not in caps:
+            return f"the CPU lacks {OV_PRECISIONS[precision][1]}"
+    return None
