@@ -22,6 +22,7 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 PRESET_NAMES = ("quality", "realtime")
 
 T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)
+T_OPEN = T_START  # when the engine began to open (imports done): set by run()
 log = logging.getLogger("dheads.run")
 progress_log = logging.getLogger("dheads.run.progress")  # logged without -v: the only sign of life in a log file
 PROGRESS_EVERY_S = 10.0
@@ -47,12 +48,24 @@ def _summary(stats, out: Path, open_s: float, sampler: SamplerConfig, engine: st
     t.add_row("frames", f"{stats.frames} ({stats.seconds_of_video:.2f} s of video at 25 fps)")
     t.add_row("total time", f"{stats.total_s:.2f} s")
     t.add_row("first frame", f"{stats.first_frame_s * 1000:.1f} ms")
-    t.add_row("time to first frame", f"{stats.first_frame_at - T_START:.2f} s from start-up (engine "
-                                      f"{open_s:.2f} s, face + audio {stats.prepare_s:.2f} s)")
+    t.add_row("time to first frame", f"{stats.first_frame_at - T_START:.2f} s from start-up ({_stages(stats, open_s)})")
     t.add_row("per frame (median)", f"{stats.median_frame_s * 1000:.1f} ms")
     t.add_row("frames per second", f"{stats.fps:.2f}")
     t.add_row("real-time factor", f"{stats.real_time_factor:.2f} (compute s / video s)")
     err.print(t)
+
+
+def _stages(stats, open_s: float) -> str:
+    """Where the time to the first frame went: imports (start-up to opening the engine), the engine, face, audio
+    load, audio encoding, the first frame's own compute."""
+    st = stats.prepare_stages
+    parts = [f"imports {T_OPEN - T_START:.2f} s", f"engine {open_s:.2f} s"]
+    if st:
+        parts += [f"face {st['face']:.2f} s", f"audio load {st['audio_load']:.2f} s",
+                  f"audio encode {st['audio_encode']:.2f} s"]
+    else:
+        parts.append(f"face + audio {stats.prepare_s:.2f} s")
+    return ", ".join(parts + [f"first frame {stats.first_frame_s:.2f} s"])
 
 
 def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, crop: str,
@@ -173,7 +186,8 @@ def run(
         if not audio.exists():
             raise FileNotFoundError(f"no such file: {audio}")
         check_output(output, inputs=(face, audio))
-        t_open = time.perf_counter()
+        global T_OPEN
+        t_open = T_OPEN = time.perf_counter()
         head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
         raise_if_interrupted()

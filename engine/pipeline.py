@@ -49,6 +49,7 @@ class RunStats:
     frame_latencies_s: list[float] = field(default_factory=list)
     prepare_s: float = float("nan")  # face crop + audio load + encoding, before the first frame
     first_frame_at: float = float("nan")  # time.perf_counter() when the first frame was written
+    prepare_stages: dict[str, float] = field(default_factory=dict)  # seconds: face, audio load, audio encode
 
     @property
     def median_frame_s(self) -> float:
@@ -71,6 +72,7 @@ class Inputs:
     identity: torch.Tensor
     samples: np.ndarray
     audio_emb: torch.Tensor
+    stages: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per preparation stage
 
     @property
     def n_frames(self) -> int:
@@ -90,6 +92,14 @@ class Job:
     frame: int = 0
     max_seconds: float | None = None
     seed: int | None = None
+
+
+def _sum_stages(stages) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for d in stages:
+        for k, v in d.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 class TalkingHead:
@@ -150,15 +160,19 @@ class TalkingHead:
         """
         check_max_seconds(max_seconds)
         size = self.info.model.image_size
+        t0 = time.perf_counter()
         identity = load_face(face, frame=frame, crop=crop, size=size)
+        t1 = time.perf_counter()
         samples, rate = load_audio(audio, silence="ignore")
         if max_seconds is not None:
             samples = samples[: int(max_seconds * rate)]
             if samples.size < rate // 25:
                 raise AudioError(f"{audio}: --max-seconds {max_seconds} leaves less than one video frame of audio")
         check_silence(audio, samples, "warn" if allow_silence else "error")
+        t2 = time.perf_counter()
         emb = self.encoder(samples)
-        return Inputs(identity=identity, samples=samples, audio_emb=emb)
+        stages = {"face": t1 - t0, "audio_load": t2 - t1, "audio_encode": time.perf_counter() - t2}
+        return Inputs(identity=identity, samples=samples, audio_emb=emb, stages=stages)
 
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
                noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
@@ -252,7 +266,8 @@ class TalkingHead:
                     on_frame(i + 1, total)
         return RunStats(frames=len(lat), seconds_of_video=len(lat) / fps, total_s=time.perf_counter() - t0,
                         first_frame_s=lat[0] if lat else float("nan"), frame_latencies_s=lat[1:] or lat,
-                        prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"))
+                        prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"),
+                        prepare_stages=_sum_stages(x.stages for x in inputs))
 
     def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig | None = None,
                seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,

@@ -246,3 +246,24 @@ def test_negative_threads_one_line_exit_2(shared_data, engine, tmp_path):
     assert r.exit_code == 2
     assert _error_line(r) == "dh-run: error: --threads must be 0 (auto) or a positive count, got -1"
     assert not out.exists()
+
+
+def test_time_to_first_frame_is_split_into_its_stages(monkeypatch):
+    import dheads.engine.cli as cli
+    from dheads.engine.pipeline import RunStats
+
+    monkeypatch.setattr(cli, "T_START", 10.0)
+    monkeypatch.setattr(cli, "T_OPEN", 11.5)
+    stats = RunStats(frames=2, seconds_of_video=0.08, total_s=0.3, first_frame_s=0.25, prepare_s=0.9,
+                     prepare_stages={"face": 0.4, "audio_load": 0.1, "audio_encode": 0.4})
+    assert cli._stages(stats, 0.3) == ("imports 1.50 s, engine 0.30 s, face 0.40 s, audio load 0.10 s, "
+                                       "audio encode 0.40 s, first frame 0.25 s")
+
+
+def test_prepare_times_face_audio_load_and_encoding(shared_data):
+    from dheads.engine.pipeline import TalkingHead
+
+    head = TalkingHead.open(None, device="cpu", backend="onnxruntime", threads=1)
+    x = head.prepare(shared_data / "faces" / "astronaut_512.png", shared_data / "speech" / "cmu_arctic_a0007.wav",
+                     max_seconds=0.4)
+    assert set(x.stages) == {"face", "audio_load", "audio_encode"} and all(v > 0 for v in x.stages.values())
