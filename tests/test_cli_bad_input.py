@@ -183,7 +183,7 @@ def test_dh_export_checkpoint_without_model_config(inputs, tmp_path):
     (["--steps", "0"], "Invalid value for --steps: must be at least 1, got 0"),
     (["--model", "nope"], "Invalid value for --model: choose one of small, crema, demo"),
     (["--backends", "foo"], "Invalid value for --backends: foo given; use a comma list of pytorch, torch-compile, "
-                            "onnxruntime, tensorrt"),
+                            "onnxruntime, tensorrt, openvino"),
 ])
 def test_dh_bench_bad_flag_is_one_line_exit_2(tmp_path, args, message):
     from dheads.benchmarks.cli import app
