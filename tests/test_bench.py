@@ -155,4 +155,5 @@ def test_dh_bench_compare_renders_interleaved_and_records_machine_and_load(tmp_p
         assert r["fps"] == pytest.approx(1000 / r["frame"]["median_ms"])
         assert r["real_time_factor"] == pytest.approx(r["frame"]["median_ms"] / 1000 * 25)
         assert r["time_to_first_frame_s"] > r["open_s"] and r["vs_onnxruntime_fp32"]["rel_l2"] == 0.0
+        assert r["warm_first_frame_s"] == pytest.approx(result["warm_prepare_s"] + r["first_frame_ms"] / 1000)
     assert (tmp_path / "c.md").read_text().count("| onnxruntime fp32 |") == 2
