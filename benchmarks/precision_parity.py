@@ -7,7 +7,8 @@ generated videos' mean over clips is taken per seed. The fp32 run's per-seed val
 when it passes every metric and the study's talk verdict is the fp32 one. One that fails is not offered as a
 default (``engine/cpu_choice.py``).
 
-Usage: ``python -m dheads.benchmarks.precision_parity FP32.json OTHER.json... [--out parity.json] [--table t.md]``
+Usage: ``python -m dheads.benchmarks.precision_parity FP32.json OTHER.json... [--out parity.json] [--table t.md]``;
+``A.json,B.json`` joins studies of one engine run on different seeds (same clips) into one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,33 @@ def per_seed(result: dict, metric: str) -> list[float]:
             if v is not None and math.isfinite(v):
                 values[i].append(v)
     return [mean(v) for v in values if v]
+
+
+def join(studies: list[dict]) -> dict:
+    """Studies of one engine and clips on disjoint seeds as one: seeds and per-clip generated rows concatenated;
+    it talks when every part does. ValueError for different clips or engines, or a seed run twice."""
+    first = studies[0]
+    for st in studies[1:]:
+        if sorted(st["clips"]) != sorted(first["clips"]) or (st.get("backend"), st.get("precision")) != (
+                first.get("backend"), first.get("precision")):
+            raise ValueError("joined studies must share clips, backend and precision")
+    seeds = [s for st in studies for s in st["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"joined studies repeat a seed: {seeds}")
+    clips = {c: {"generated": [r for st in studies for r in _rows(st["clips"][c]["generated"])]} for c in first["clips"]}
+    talks = all(st["verdicts"]["generated"]["talks"] for st in studies)
+    return {"backend": first.get("backend"), "precision": first.get("precision"), "seeds": seeds, "clips": clips,
+            "verdicts": {"generated": {"talks": talks}}}
+
+
+def _rows(generated) -> list[dict]:
+    return generated if isinstance(generated, list) else [generated]
+
+
+def load(spec: str) -> dict:
+    """A study JSON, or several joined (``A.json,B.json``)."""
+    parts = [json.loads(Path(p).read_text()) for p in spec.split(",")]
+    return parts[0] if len(parts) == 1 else join(parts)
 
 
 def compare(reference: dict, other: dict) -> dict:
@@ -73,14 +101,14 @@ def markdown(reference: dict, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(reference: Path, others: list[Path], out: Optional[Path] = typer.Option(None),
+def main(reference: str, others: list[str], out: Optional[Path] = typer.Option(None),
          table: Optional[Path] = typer.Option(None)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ref = json.loads(reference.read_text())
-    results = [compare(ref, json.loads(p.read_text())) for p in others]
+    ref = load(reference)
+    results = [compare(ref, load(p)) for p in others]
     text = markdown(ref, results)
     if out is not None:
-        out.write_text(json.dumps({"reference": str(reference), "others": [str(p) for p in others],
+        out.write_text(json.dumps({"reference": reference, "others": list(others), "seeds": ref["seeds"],
                                    "metrics": list(METRICS), "results": results}, indent=2) + "\n")
     if table is not None:
         table.write_text(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dheads.benchmarks.precision_parity import METRICS, compare, markdown, per_seed
+from dheads.benchmarks.precision_parity import METRICS, compare, join, markdown, per_seed
 
 
 def study(per_clip_seed: dict[str, list[float]], talks: bool = True, precision: str = "fp32") -> dict:
@@ -36,3 +36,14 @@ def test_inside_the_spread_passes(vals_a, vals_b, talks, passed):
 def test_studies_of_other_clips_or_seeds_are_refused():
     with pytest.raises(ValueError, match="differ in clips or seeds"):
         compare(FP32, study({"a": [1.0, 2.0, 3.0]}))
+
+
+def test_studies_on_other_seeds_join_into_one():
+    more = study({"a": [5.0, 7.0, 9.0], "b": [5.0, 7.0, 9.0]})
+    more["seeds"] = [3, 4, 5]
+    joined = join([FP32, more])
+    assert joined["seeds"] == [0, 1, 2, 3, 4, 5] and per_seed(joined, "sync") == [2.0, 3.0, 4.0, 5.0, 7.0, 9.0]
+    with pytest.raises(ValueError, match="repeat a seed"):
+        join([FP32, FP32])
+    with pytest.raises(ValueError, match="share clips, backend and precision"):
+        join([FP32, study({"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0]}, precision="bf16")])
