@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "examples"
@@ -21,6 +22,25 @@ def short_speech(path: Path, seconds: float = 0.3) -> Path:
     samples, rate = sf.read(str(SPEECH), dtype="float32")
     sf.write(str(path), samples[: int(seconds * rate)], rate)
     return path
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """One engine worker for a test module (the demo engine, 1 thread, 4 streams); import it with ``url``."""
+    from dheads.serve.config import ServeConfig
+    from dheads.serve.worker import EngineWorker
+
+    w = EngineWorker(ServeConfig(port=free_port(), threads=1, max_streams=4))
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def url(worker):
+    """A real server on ``worker`` for the test module: its base URL."""
+    with running_server(worker, worker.config) as u:
+        yield u
 
 
 def free_port() -> int:

@@ -30,23 +30,9 @@ from dheads.engine.config import SamplerConfig
 from dheads.serve.config import ServeConfig
 from dheads.serve.worker import EngineWorker, Session
 
-from _serve import FACE, free_port, running_server, short_speech
+from _serve import FACE, free_port, running_server, short_speech, url, worker  # noqa: F401 (fixtures)
 
 OPTS = {"steps": 2, "sampler": "ddim"}
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = EngineWorker(ServeConfig(port=free_port(), threads=1, max_streams=4))
-    w.start()
-    yield w
-    w.stop()
-
-
-@pytest.fixture(scope="module")
-def url(worker):
-    with running_server(worker, worker.config) as u:
-        yield u
 
 
 @pytest.fixture(scope="module")

@@ -38,21 +38,7 @@ from dheads.engine.cli import _sampler_config
 from dheads.serve.config import ServeConfig
 from dheads.serve.worker import EngineWorker
 
-from _serve import FACE, free_port, running_server, serving, short_speech
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = EngineWorker(ServeConfig(port=free_port(), threads=1, max_streams=4))
-    w.start()
-    yield w
-    w.stop()
-
-
-@pytest.fixture(scope="module")
-def url(worker):
-    with running_server(worker, worker.config) as u:
-        yield u
+from _serve import FACE, free_port, running_server, serving, short_speech, url, worker  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
