@@ -111,6 +111,26 @@ class BodyLimit:
                 await refusal(scope, receive, send)
 
 
+class JSONCors(CORSMiddleware):
+    """Starlette's CORS policy, but a refused preflight gets the one JSON error shape (not its plain-text
+    400): an origin that is not allowed is the 403 every other request from it gets; a method or header
+    that is not allowed is a 400 naming what was refused."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        res = super().preflight_response(request_headers)
+        if res.status_code == 200:
+            return res
+        origin = request_headers.get("origin")
+        if not self.is_allowed_origin(origin=origin):
+            out = error_response(f"origin {origin} is not allowed here (dh-serve --allow-origin)", 403)
+        else:
+            refused = bytes(res.body).decode().removeprefix("Disallowed CORS ")
+            out = error_response(f"CORS preflight refused: {refused} not allowed (allowed methods: "
+                                 f"{', '.join(sorted(self.allow_methods))})", 400)
+        out.headers["Vary"] = "Origin"
+        return out
+
+
 class RedactSecrets(logging.Filter):
     """Blanks ``token=`` and ``ticket=`` values in log lines (uvicorn's access log prints the query string)."""
 
@@ -231,7 +251,7 @@ def create_app(config: ServeConfig = ServeConfig(), worker: EngineWorker | None 
     app.add_middleware(Gate)
     origins = config.allow_origins or ()
     if origins:  # outermost: answers the preflight of an allowed origin before the token check
-        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+        app.add_middleware(JSONCors, allow_origins=list(origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(ClientError)

@@ -25,8 +25,8 @@ def missing_extra(modules: tuple[str, ...] | None = None) -> str | None:
     missing = [m for m in (modules or SERVE_MODULES) if importlib.util.find_spec(m) is None]
     if not missing:
         return None
-    return (f"dh-serve: error: {', '.join(missing)} not installed; install the serve extra: "
-            f"pip install 'diffused-heads[serve]'")
+    return (f"dh-serve: error: {', '.join(missing)} not installed; install the serve extra from the project's "
+            f"folder: pip install -e '.[serve]'")
 
 
 @app.command(cls=OneLineErrors)

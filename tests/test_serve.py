@@ -278,7 +278,10 @@ def test_help_is_fast_and_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setattr(cli, "SERVE_MODULES", ("fastapi", "not_a_module_dh"))
     res = CliRunner().invoke(cli.app, [])
     assert res.exit_code == 2
-    assert res.output.strip() == ("dh-serve: error: not_a_module_dh not installed; install the serve extra: "
-                                  "pip install 'diffused-heads[serve]'")
+    assert res.output.strip() == ("dh-serve: error: not_a_module_dh not installed; install the serve extra from "
+                                  "the project's folder: pip install -e '.[serve]'")
+    res = CliRunner().invoke(cli.app, ["--replicas", "2"])
+    assert res.exit_code == 2 and res.output.strip().endswith("serve and ray extras from the project's folder: "
+                                                              "pip install -e '.[serve,ray]'")
     code = "import sys, dheads.serve.cli; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -265,6 +265,15 @@ def test_origin_is_checked_cross_origin_denied_with_a_token(worker, wav):
         r = httpx.post(u + "/v1/ticket", headers={"Authorization": "Bearer s3cret", "Origin": "http://good.example"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
         assert httpx.post(u + "/v1/ticket", headers={"Authorization": "Bearer s3cret", **evil}).status_code == 403
+        # a refused preflight is the one JSON error shape too, never Starlette's plain-text 400
+        pre = httpx.options(u + "/v1/ticket", headers={**evil, "Access-Control-Request-Method": "POST"})
+        assert (pre.status_code, pre.json()) == (403, {"error": "origin http://evil.example is not allowed here "
+                                                                "(dh-serve --allow-origin)"})
+        assert pre.headers["content-type"] == "application/json" and "access-control-allow-origin" not in pre.headers
+        pre = httpx.options(u + "/v1/ticket", headers={"Origin": "http://good.example",
+                                                       "Access-Control-Request-Method": "DELETE"})
+        assert (pre.status_code, pre.json()) == (400, {"error": "CORS preflight refused: method not allowed "
+                                                                "(allowed methods: GET, POST)"})
     with server_with(worker) as (u, _):  # no token, no --allow-origin: any origin, as before
         msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes()], headers=evil))
         assert code == 1000
