@@ -18,26 +18,11 @@ from collections.abc import Callable
 
 import torch
 
+# The frame-noise parser and the seed bound live in engine/names.py (torch-free: CLIs check flags before
+# torch loads); re-exported here.
+from .names import FRAME_NOISE, MAX_SEED, noise_correlation  # noqa: F401
+
 NoiseFn = Callable[[int, torch.Tensor], None]  # (frame index, out buffer) -> fills out in place
-
-FRAME_NOISE = ("fresh", "repeat")  # or a correlation strictly between 0 and 1, written as a number
-MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes: dh-run's --seed and dh-serve's seed
-
-
-def noise_correlation(frame_noise: str) -> float:
-    """The correlation between two frames' noise that ``frame_noise`` names: fresh 0, repeat 1, or the
-    number it spells (strictly between 0 and 1). ValueError (one line) for anything else."""
-    named = {"fresh": 0.0, "repeat": 1.0}
-    if frame_noise in named:
-        return named[frame_noise]
-    try:
-        corr = float(frame_noise)
-    except (TypeError, ValueError):
-        corr = float("nan")
-    if not 0.0 < corr < 1.0:  # also refuses nan and inf
-        raise ValueError(f"frame noise must be one of {', '.join(FRAME_NOISE)} or a correlation between 0 and 1 "
-                         f"(e.g. 0.8), got {frame_noise!r}")
-    return corr
 
 
 class SeededNoise:

@@ -4,8 +4,8 @@
 so a step does no host work, no host-device copy and no allocation beyond its arithmetic. ``state`` is
 a tuple of tensors shaped like ``x_t``, preallocated once per loop (multistep solvers keep earlier x0
 predictions there, written in place), and ``i`` counts the steps already taken in this frame (a Python
-int, fixed per captured graph), so a whole frame stays one CUDA graph. ``SAMPLERS`` is the one registry
-of sampler names, their help text and how much state each needs.
+int, fixed per captured graph), so a whole frame stays one CUDA graph. ``SAMPLERS`` maps the sampler names of
+``engine/names.py`` (with their help text and state counts) to their step functions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import names
 from .schedule import Schedule
 
 
@@ -255,13 +256,12 @@ class SamplerSpec:
     help: str
 
 
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
-    SamplerSpec("ddpm", ddpm_step, 0, "ancestral DDPM with learned variance (the authors' sampler)"),
-    SamplerSpec("ddim", ddim_step, 0, "DDIM, deterministic at eta 0"),
-    SamplerSpec("dpmpp_2m", dpmpp_2m_step, 1, "DPM-Solver++(2M), deterministic, second order"),
-    SamplerSpec("dpmpp_2m_sde", dpmpp_2m_sde_step, 1, "DPM-Solver++(2M) SDE, stochastic, second order"),
-    SamplerSpec("unipc", unipc_step, 3, "UniPC-bh2 order 2 (2M predictor + UniC corrector), deterministic"),
-)}
+# The names, state counts and help lines are engine/names.py's (torch-free, so CLIs check names before torch
+# loads); this registry adds the step functions, one for every name there.
+_STEPS: dict[str, StepFn] = {"ddpm": ddpm_step, "ddim": ddim_step, "dpmpp_2m": dpmpp_2m_step,
+                             "dpmpp_2m_sde": dpmpp_2m_sde_step, "unipc": unipc_step}
+assert tuple(_STEPS) == tuple(names.SAMPLERS), "engine/names.py SAMPLERS and the step functions disagree"
+SAMPLERS: dict[str, SamplerSpec] = {n: SamplerSpec(n, _STEPS[n], s.state, s.help) for n, s in names.SAMPLERS.items()}
 
 
 def sampler_help() -> str:
@@ -270,9 +270,7 @@ def sampler_help() -> str:
 
 
 def get_sampler(name: str) -> SamplerSpec:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    return SAMPLERS[names.check_sampler(name)]
 
 
 def get_step(name: str) -> StepFn:
