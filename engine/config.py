@@ -10,6 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+
+from . import names
+from .names import PRECISIONS, SPACINGS, TABLES  # noqa: F401  (re-exported: the names live in engine/names.py)
+
 T = TypeVar("T")
 
 
@@ -17,13 +21,14 @@ def _to_dict(obj: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
+        out[f.name] = list(v) if isinstance(v, tuple) else v.to_dict() if dataclasses.is_dataclass(v) else v
     return out
 
 
 def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
+    """``cls(**data)``; ``cls.READS`` names keys older artifacts wrote that its constructor still takes."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "READS", ()))
+    unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
@@ -156,23 +161,101 @@ class AudioConfig:
         return _from_dict(cls, data)
 
 
-SPACINGS = ("uniform", "karras", "trailing")  # engine.schedule.SPACINGS holds the functions
-
-
 @dataclass(frozen=True)
+class SamplerConfig:
+    """How frames are sampled: a sampler of ``engine.sampling.SAMPLERS``, its respaced ``steps`` and options.
+
+    ``tables``: ``float64`` (default) or ``authors`` (their float32 tables, to reproduce their sampler bit
+    for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
+    noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
+    ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule), ``karras``
+    (EDM's rho = 7 placement, denser at low noise) or ``trailing`` (Lin et al. 2024: T-1 down to T/n - 1,
+    no call spent at t = 0; what few-step students are trained on). ``frame_noise``: ``fresh`` (each frame draws new
+    noise, the authors' way), ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
+    differ only where their conditioning does), or a correlation between 0 and 1 such as ``"0.8"``
+    (``engine/noise.py``: each frame's noise still N(0, I), correlated 0.8 with every other frame's).
+    Every value is checked by the rules of ``engine/names.py`` (no torch needed).
+    """
+
+    name: str = "ddpm"
+    steps: int = 100
+    eta: float = 0.0
+    clip_denoised: bool = True
+    tables: str = "float64"
+    warm_steps: int = 0
+    spacing: str = "uniform"
+    frame_noise: str = "fresh"
+
+    def __post_init__(self) -> None:
+        names.check_sampler(self.name)
+        names.check_steps(self.steps)
+        names.check_eta(self.eta)
+        names.check_warm_steps(self.warm_steps, self.steps)
+        names.check_spacing(self.spacing)
+        names.check_tables(self.tables, self.spacing)
+        names.check_frame_noise(self.frame_noise)
+
+    def override(self, **given: Any) -> SamplerConfig:
+        """This config with the fields a user chose; a value of None keeps this one's. The one merge behind
+        every front end (dh-run's flags, dh-serve's request fields, the benchmarks, training's rollouts), so a
+        client that sets only ``steps`` keeps the sampler, spacing, frame noise and warm start. ValueError (one
+        line) for an unknown field or a value the rules refuse. (More steps than a model's diffusion timesteps:
+        ``names.check_steps(steps, T)``, which ``plan.make_plan`` applies.)"""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(k for k in given if k not in fields)
+        if unknown:
+            raise ValueError(f"unknown sampler setting {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return dataclasses.replace(self, **chosen) if chosen else self
+
+    @property
+    def noise_corr(self) -> float:
+        """The correlation between two frames' noise that ``frame_noise`` names (0 fresh, 1 repeat)."""
+        return names.noise_correlation(self.frame_noise)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True, init=False)
 class DiffusionConfig:
-    """The diffusion process: the training schedule and the default respacing for sampling."""
+    """The diffusion process: the training schedule, and ``sampling``: the artifact's default
+    :class:`SamplerConfig` (what dh-run, dh-serve and the library sample with when the user chooses nothing;
+    a few-step student's records the grid it learned).
+
+    Written as ``{"num_timesteps", "schedule", "sampling": {...}}``. Older artifacts (manifests, checkpoints,
+    training TOML) wrote the default as loose ``sampler``/``sampling_steps``/``frame_noise``/``spacing`` keys:
+    the constructor (and so ``from_dict``) still takes those and folds them into ``sampling``; the same names
+    read back as read-only views of it.
+    """
 
     num_timesteps: int = 1000
     schedule: str = "cosine"
-    sampling_steps: int = 100  # the default respacing dh-run uses for this model
-    sampler: str = "ddpm"  # the default sampler dh-run uses for this model
-    frame_noise: str = "fresh"  # the default SamplerConfig.frame_noise for this model
-    spacing: str = "uniform"  # the default SamplerConfig.spacing (a few-step student's: the grid it learned)
+    sampling: SamplerConfig = SamplerConfig()
 
-    def __post_init__(self) -> None:
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+    READS = ("sampler", "sampling_steps", "frame_noise", "spacing")  # older artifacts' keys
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine",
+                 sampling: SamplerConfig | dict[str, Any] | None = None, *, sampler: str | None = None,
+                 sampling_steps: int | None = None, frame_noise: str | None = None, spacing: str | None = None):
+        if isinstance(sampling, dict):
+            sampling = SamplerConfig.from_dict(sampling)
+        sampling = (sampling or SamplerConfig()).override(name=sampler, steps=sampling_steps, frame_noise=frame_noise,
+                                                           spacing=spacing)
+        object.__setattr__(self, "num_timesteps", num_timesteps)
+        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "sampling", sampling)
+        names.check_steps(sampling.steps, num_timesteps)
+
+    # Older code's spelling, read-only (new code reads ``sampling``).
+    sampler = property(lambda self: self.sampling.name)
+    sampling_steps = property(lambda self: self.sampling.steps)
+    frame_noise = property(lambda self: self.sampling.frame_noise)
+    spacing = property(lambda self: self.sampling.spacing)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -182,10 +265,10 @@ class DiffusionConfig:
         return _from_dict(cls, data)
 
 
-# The precisions an engine computes in (engine/backends/base.py turns a name into a torch dtype; which backend
-# runs which: engine/backends/__init__.py BACKEND_PRECISIONS). bf16 and int8 run on the OpenVINO backend (int8
-# also on ONNX Runtime), from the bundle's ONNX: bf16 from unet.onnx, int8 from unet_int8.onnx.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The precisions an engine computes in (engine/names.py PRECISIONS; engine/backends/base.py turns a name into a
+# torch dtype; which backend runs which: engine/backends/__init__.py BACKEND_PRECISIONS). bf16 and int8 run on
+# the OpenVINO backend (int8 also on ONNX Runtime), from the bundle's ONNX: bf16 from unet.onnx, int8 from
+# unet_int8.onnx.
 
 
 @dataclass(frozen=True)
@@ -206,8 +289,7 @@ class RuntimeConfig:
     audio_encoder: str | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        names.check_precision(self.precision)
         dev = str(self.device)
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -220,65 +302,4 @@ class RuntimeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
-        return _from_dict(cls, data)
-
-
-TABLES = ("float64", "authors")
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How frames are sampled: a sampler of ``engine.sampling.SAMPLERS``, its respaced ``steps`` and options.
-
-    ``tables``: ``float64`` (default) or ``authors`` (their float32 tables, to reproduce their sampler bit
-    for bit). ``warm_steps``: 0 = off; else every frame after the first starts from the previous frame
-    noised to the ``warm_steps``-th respaced step and runs only those ``warm_steps`` model calls.
-    ``spacing``: which timesteps the ``steps`` are: ``uniform`` (the authors' rule), ``karras``
-    (EDM's rho = 7 placement, denser at low noise) or ``trailing`` (Lin et al. 2024: T-1 down to T/n - 1,
-    no call spent at t = 0; what few-step students are trained on). ``frame_noise``: ``fresh`` (each frame draws new
-    noise, the authors' way), ``repeat`` (every frame reuses frame 0's x_T and step noise, so frames
-    differ only where their conditioning does), or a correlation between 0 and 1 such as ``"0.8"``
-    (``engine/noise.py``: each frame's noise still N(0, I), correlated 0.8 with every other frame's).
-    """
-
-    name: str = "ddpm"
-    steps: int = 100
-    eta: float = 0.0
-    clip_denoised: bool = True
-    tables: str = "float64"
-    warm_steps: int = 0
-    spacing: str = "uniform"
-    frame_noise: str = "fresh"
-
-    def __post_init__(self) -> None:
-        from .sampling import get_sampler  # the one registry of sampler names
-
-        get_sampler(self.name)
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.tables not in TABLES:
-            raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {self.tables!r}")
-        if not 0 <= self.warm_steps <= self.steps:
-            raise ValueError(f"warm steps must be in 0..steps ({self.steps}), got {self.warm_steps}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
-        from .noise import noise_correlation  # the one parser of frame-noise names
-
-        noise_correlation(self.frame_noise)
-        if self.tables == "authors" and self.spacing != "uniform":
-            raise ValueError("tables = authors reproduces the authors' sampler, which spaces steps uniformly; "
-                             "use spacing uniform")
-
-    @property
-    def noise_corr(self) -> float:
-        """The correlation between two frames' noise that ``frame_noise`` names (0 fresh, 1 repeat)."""
-        from .noise import noise_correlation
-
-        return noise_correlation(self.frame_noise)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
         return _from_dict(cls, data)

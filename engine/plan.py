@@ -1,60 +1,53 @@
 """The sampling plan: which original timesteps a frame visits and with which coefficients, from the artifact.
 
-Built once from the engine's recorded :class:`DiffusionConfig` (T, schedule kind, default sampler and
-steps) and an optional :class:`SamplerConfig` override. The frame loop, the reference loop, dh-bench
+Built once from the engine's recorded :class:`DiffusionConfig` (T, schedule kind, and ``sampling``: its
+default :class:`SamplerConfig`) and an optional :class:`SamplerConfig` chosen over it. The frame loop, the reference loop, dh-bench
 and training's preview all take their schedule from here; ``denoise_frame`` is the one loop contract
 they share.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
 
+from . import names
 from .config import DiffusionConfig, SamplerConfig
 from .sampling import SamplerSpec, StepTables, get_sampler, make_state, make_tables
 from .schedule import Schedule, authors_float32_columns, respace, schedule_for
 
 
 def default_sampler(diffusion: DiffusionConfig) -> SamplerConfig:
-    """The sampler and step count an artifact records as its default."""
-    return SamplerConfig(name=diffusion.sampler, steps=diffusion.sampling_steps, frame_noise=diffusion.frame_noise,
-                         spacing=diffusion.spacing)
+    """The sampler an artifact records as its default: ``diffusion.sampling``, all of it (warm start, eta and
+    tables included). Kept as a name for callers written before ``DiffusionConfig`` carried it."""
+    return diffusion.sampling
 
 
-# Named sampler choices. "quality": the artifact's own default. "realtime": chosen from the frontier of the
-# demo model (benchmarks/results/frontier_demo.md, README "Quality vs calls per frame"): no row under 100
-# calls matched DDPM-100 within its seed spread; DPM-Solver++(2M) SDE at 10 calls came closest to the
-# demo's default (DDPM 25: F-MSE 49.8 vs 42.7, OFM 0.21 vs 0.19) at 40% of its calls. Warm starts scored
-# better F-MSE but grow visible streaks over seconds, which the metrics miss.
+# Named sampler choices (their names: engine/names.py PRESETS). "quality": the artifact's own default.
+# "realtime": chosen from the frontier of the demo model (benchmarks/results/frontier_demo.md, README "Quality
+# vs calls per frame"): no row under 100 calls matched DDPM-100 within its seed spread; DPM-Solver++(2M) SDE at
+# 10 calls came closest to the demo's default (DDPM 25: F-MSE 49.8 vs 42.7, OFM 0.21 vs 0.19) at 40% of its
+# calls. Warm starts scored better F-MSE but grow visible streaks over seconds, which the metrics miss.
 PRESETS: dict[str, SamplerConfig | None] = {
     "quality": None,
     "realtime": SamplerConfig(name="dpmpp_2m_sde", steps=10),
 }
+assert tuple(PRESETS) == names.PRESETS, "engine/names.py PRESETS and plan.PRESETS disagree"
 
 
 def choose_sampler(diffusion: DiffusionConfig, base: SamplerConfig | None = None, **choices) -> SamplerConfig:
-    """``base`` (None: the artifact's recorded sampler) with the fields a user chose; a choice of None keeps
-    base's. The one merge behind dh-run's flags and dh-serve's request fields, so a client that sets only
-    ``steps`` keeps the engine's sampler, spacing, frame noise and warm start. ValueError (one line) for a
-    value ``SamplerConfig`` refuses, or more steps than the model's diffusion timesteps."""
-    base = base or default_sampler(diffusion)
-    given = {k: v for k, v in choices.items() if v is not None}
-    steps = given.get("steps")
-    if steps is not None and steps > diffusion.num_timesteps:
-        raise ValueError(f"steps must be at most {diffusion.num_timesteps} (the model's diffusion timesteps), "
-                         f"got {steps}")
-    return dataclasses.replace(base, **given)
+    """``(base or diffusion.sampling).override(**choices)``, with the steps checked against the model's T
+    (``names.check_steps``). A thin alias: new code calls ``SamplerConfig.override`` itself."""
+    cfg = (base or diffusion.sampling).override(**choices)
+    names.check_steps(cfg.steps, diffusion.num_timesteps)
+    return cfg
 
 
 def preset_sampler(name: str, diffusion: DiffusionConfig) -> SamplerConfig:
     """The sampler a preset names for an artifact (``quality``: its recorded default)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name] or default_sampler(diffusion)
+    return PRESETS[names.check_preset(name)] or diffusion.sampling
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,10 +83,8 @@ class SamplingPlan:
 
 def make_plan(diffusion: DiffusionConfig = DiffusionConfig(), sampler: SamplerConfig | None = None) -> SamplingPlan:
     """The plan for an artifact's ``diffusion`` config; ``sampler`` None = the artifact's default."""
-    sampler = sampler or default_sampler(diffusion)
-    if sampler.steps > diffusion.num_timesteps:
-        raise ValueError(f"steps must be in 1..{diffusion.num_timesteps} for this model "
-                         f"(trained with T = {diffusion.num_timesteps}), got {sampler.steps}")
+    sampler = sampler or diffusion.sampling
+    names.check_steps(sampler.steps, diffusion.num_timesteps)
     base = schedule_for(diffusion)
     return SamplingPlan(diffusion=diffusion, sampler=sampler, base=base, schedule=respace(base, sampler.steps, sampler.spacing))
 
@@ -106,17 +97,35 @@ def warm_start(x: torch.Tensor, prev: torch.Tensor, z: torch.Tensor, tables: Ste
     return x.copy_(tables.sqrt_abar[k] * prev + tables.sqrt_one_minus_abar[k] * z)
 
 
-def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: StepTables, noise: torch.Tensor,
-                  state: tuple[torch.Tensor, ...], start: int) -> torch.Tensor:
-    """The loop contract: ``for k = start..0: x = step(x, model(x, k), tables, k, noise[1 + k], clip, state, i)``.
+FrameSteps = Generator[tuple[torch.Tensor, int], torch.Tensor, torch.Tensor]
 
-    ``x``: x at respaced step ``start`` [B, 3, H, W]; ``noise``: the frame's [1 + n, B, 3, H, W] noise.
+
+def frame_steps(x: torch.Tensor, plan: SamplingPlan, tables: StepTables, noise: torch.Tensor,
+                state: tuple[torch.Tensor, ...], start: int) -> FrameSteps:
+    """The one step loop of a frame, for k = start..0: yields ``(x, k)``, is sent the model's output for it,
+    and steps ``x = step(x, out, tables, k, noise[1 + k], clip, state, i)``; returns the frame (StopIteration).
+
+    ``x``: x at respaced step ``start`` [B, 3, H, W]; ``noise``: the frame's [1 + n, B, 3, H, W] noise. The
+    caller makes the model calls, so one caller can batch the calls of several streams (``Batcher``).
     """
     step, clip = plan.spec.step, plan.sampler.clip_denoised
     for i, k in enumerate(range(start, -1, -1)):
-        x = step(x, model(x, k), tables, k, noise[1 + k], clip, state, i)
+        out = yield x, k
+        x = step(x, out, tables, k, noise[1 + k], clip, state, i)
     return x
 
 
-__all__ = ["PRESETS", "SamplingPlan", "choose_sampler", "default_sampler", "denoise_frame", "make_plan", "make_state", "preset_sampler",
+def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: StepTables, noise: torch.Tensor,
+                  state: tuple[torch.Tensor, ...], start: int) -> torch.Tensor:
+    """``frame_steps`` driven by one model: ``for k = start..0: x = step(x, model(x, k), ...)``; the frame."""
+    steps = frame_steps(x, plan, tables, noise, state, start)
+    x, k = next(steps)
+    try:
+        while True:
+            x, k = steps.send(model(x, k))
+    except StopIteration as done:
+        return done.value
+
+
+__all__ = ["PRESETS", "SamplingPlan", "choose_sampler", "default_sampler", "denoise_frame", "frame_steps", "make_plan", "make_state", "preset_sampler",
            "warm_start"]

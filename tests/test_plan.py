@@ -50,7 +50,7 @@ def test_plan_uses_the_artifacts_num_timesteps():
     assert plan.schedule.timesteps.tolist() == respaced_timesteps(500, 10)
     assert plan.schedule.timesteps[-1] == 499
     np.testing.assert_allclose(plan.schedule.alphas_cumprod, cosine_schedule(500).alphas_cumprod[plan.schedule.timesteps])
-    with pytest.raises(ValueError, match=r"steps must be in 1\.\.500 for this model"):
+    with pytest.raises(ValueError, match=r"^steps must be at most 500 \(the model's diffusion timesteps\), got 600$"):
         make_plan(DiffusionConfig(num_timesteps=500), SamplerConfig(steps=600))
 
 
@@ -122,15 +122,6 @@ def test_library_defaults_to_the_artifacts_sampler():
     (cfg,) = head._loops
     assert cfg.sampler == SamplerConfig("ddim", 3) and cfg.diffusion == d
     assert head._loops[cfg].n_steps == 3
-
-
-def test_cli_help_names_match_the_registries():
-    """dh-run's --help lists samplers and presets without importing torch; the lists are the registries'."""
-    from dheads.engine.cli import PRESET_NAMES, SAMPLER_NAMES
-    from dheads.engine.plan import PRESETS
-    from dheads.engine.sampling import SAMPLERS
-
-    assert SAMPLER_NAMES == tuple(SAMPLERS) and PRESET_NAMES == tuple(PRESETS)
 
 
 def test_karras_spacing_for_every_n():
