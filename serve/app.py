@@ -51,10 +51,11 @@ def _status(e: BaseException) -> int:
 
 
 def _close_code(e: BaseException) -> int:
-    """The WebSocket close code of a refusal: 1009 over a limit, 1012 shutting down, 1013 busy, else 1008."""
+    """The WebSocket close code of a refusal: 1009 over a limit, 1011 a server error (a crashed preparation),
+    1012 shutting down, 1013 busy, else 1008."""
     if isinstance(e, ShuttingDown):
         return 1012
-    return {413: 1009, 503: 1013}.get(_status(e), 1008)
+    return {413: 1009, 500: 1011, 503: 1013}.get(_status(e), 1008)
 
 
 def _one_line(e: BaseException | str) -> str:

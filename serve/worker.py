@@ -3,8 +3,9 @@
 The batching thread admits waiting sessions at frame boundaries (at most ``max_streams`` live), calls
 :meth:`Batcher.step` for the live ones, hands each frame to its own session (``Frame.stream`` is the
 session's own :class:`Stream`, so a frame cannot reach another client) and drops finished or cancelled
-streams at the next boundary. Preparation (face crop, audio decode + encode) runs on one separate thread
-so it never stalls the batch. Nothing here imports a web framework; ``app.py`` drives it from asyncio.
+streams at the next boundary. Preparation (face decode + crop, audio decode + encode) runs in a worker
+process of its own (``prep.py``), driven from one separate thread so it never stalls the batch: a native
+crash there fails that one request (500 / close 1011) and a fresh worker takes the next. Nothing here imports a web framework; ``app.py`` drives it from asyncio.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dheads.engine.audio import SAMPLE_RATE, audio_seconds, check_silence, load_audio
+from dheads.engine.audio import SAMPLE_RATE
 from dheads.engine.backends.base import check_batches
 from dheads.engine.batcher import Batcher, Frame, Stream
 from dheads.engine.config import SPACINGS, SamplerConfig
 from dheads.engine.errors import USER_ERRORS
-from dheads.engine.image import ImageTooLarge, load_face
+from dheads.engine.image import ImageTooLarge
 from dheads.engine.noise import MAX_SEED
 from dheads.engine.pipeline import TalkingHead
 from dheads.engine.plan import choose_sampler
 from dheads.engine.video import write_mp4
 
 from .config import ServeConfig
+from . import prep as prep_fns
 from .metrics import Metrics
+from .prep import PrepCrashed, PrepPool, Silent, TooLong
 from .protocol import as_int, as_str
 from .uploads import LimitError, RequestError, Upload, remove_stale, temp_prefix
 
@@ -173,9 +176,14 @@ class Session:
 class EngineWorker:
     """A loaded engine and the continuous-batching thread that serves every session."""
 
-    def __init__(self, config: ServeConfig, head: TalkingHead | None = None):
+    def __init__(self, config: ServeConfig, head: TalkingHead | None = None, prep: PrepPool | None = None):
+        """``prep``: a preparation pool to share (one that ``encodes`` must run ``head``'s engine); None: one of
+        its own, started by :meth:`start` and closed by :meth:`stop`, whose worker opens ``config.engine`` and
+        encodes where this worker opens it too (``head`` None), else decodes and crops only."""
         self.config = config
         self.head = head
+        self._own_prep = prep is None
+        self.prep = prep if prep is not None else PrepPool(config.engine, config.threads, encodes=head is None)
         self.metrics = Metrics()
         self.batcher: Batcher | None = None
         self._prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dh-prep")
@@ -201,6 +209,7 @@ class EngineWorker:
         # the batcher runs every batch up to --max-streams: a plan exported for fewer is refused now, not mid-request
         check_batches(self.head.denoiser, self.config.max_streams, f"--max-streams {self.config.max_streams}")
         self.batcher = Batcher(self.head.denoiser)
+        self.prep.start(wait=True)  # the worker process imports and opens the engine now, not at a first request
         self._thread = threading.Thread(target=self._run, name="dh-batch", daemon=True)
         self._thread.start()
         log.info("engine ready: %s", self.config.engine or "bundled demo model")
@@ -293,6 +302,8 @@ class EngineWorker:
             self._waiting.clear()
             self._live.clear()
         self._prep.shutdown(wait=False, cancel_futures=True)
+        if self._own_prep:
+            self.prep.close()
         if self._own_video_dir:  # a shared --video-dir outlives this replica
             shutil.rmtree(self.video_dir, ignore_errors=True)
 
@@ -300,40 +311,53 @@ class EngineWorker:
         with self._cond:
             self._cond.notify_all()
 
-    # --- preparation (on the prep thread)
+    # --- preparation (on the prep thread, each call run by the prep worker process)
     async def run_prep(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
-    def load_identity(self, face: Upload) -> torch.Tensor:
+    def _call_prep(self, what: str, fn, *args):
         try:
-            return load_face(face.path, crop="auto", size=self.head.info.model.image_size)
+            return self.prep.call(what, fn, *args)
+        except PrepCrashed as e:
+            self.metrics.prep_crashes.inc()
+            raise ClientError(f"server error: {e}; the server goes on (report the file if it is an ordinary "
+                              f"{what})", 500) from None
+
+    def load_identity(self, face: Upload) -> torch.Tensor:
+        """A face upload -> the identity frame (dh-run's ``load_face``, crop auto), prepared in the worker."""
+        try:
+            size = self.head.info.model.image_size
+            return torch.from_numpy(self._call_prep("face", prep_fns.face, str(face.path), size))
         except USER_ERRORS as e:
             raise ClientError(face.explain(e), 413 if isinstance(e, ImageTooLarge) else 400) from None
 
     def load_speech(self, audio: Upload) -> tuple[np.ndarray, torch.Tensor]:
-        """A whole audio upload -> (16 kHz samples, embeddings), with dh-run's checks and the length cap: the
-        length the header states is checked before decoding, and no more than the cap (+ 1 s) is decoded."""
+        """A whole audio upload -> (16 kHz samples, embeddings), prepared in the worker with dh-run's checks and
+        the length cap: the length the header states is checked before decoding, and no more than the cap
+        (+ 1 s) is decoded."""
         try:
-            stated = audio_seconds(audio.path)
-            if stated is not None:
-                self.check_seconds(int(stated * SAMPLE_RATE))
-            samples, rate = load_audio(audio.path, silence="ignore", max_decode_s=self.config.max_audio_seconds + 1)
-            self.check_seconds(samples.size)
+            samples, emb = self._call_prep("audio", prep_fns.speech, str(audio.path), self.config.max_audio_seconds)
+        except TooLong as e:
+            raise self.too_long(e.seconds) from None
+        except Silent as e:  # dh-run's line without its hint at a flag the server does not have
+            raise ClientError(audio.explain(e).split("; ")[0] + "; give a file with speech") from None
         except USER_ERRORS as e:
             raise ClientError(audio.explain(e)) from None
-        try:
-            check_silence(audio.path, samples, "error")
-        except USER_ERRORS as e:  # dh-run's line without its hint at a flag the server does not have
-            raise ClientError(audio.explain(e).split("; ")[0] + "; give a file with speech") from None
-        return samples, self.head.encoder(samples)
+        return samples, self.head.encoder(samples) if emb is None else torch.from_numpy(emb)
 
     def check_seconds(self, n_samples: int) -> None:
-        cap = self.config.max_audio_seconds
-        if n_samples > cap * SAMPLE_RATE:
-            raise ClientError(f"audio is {n_samples / SAMPLE_RATE:.1f} s; this server takes at most {cap:g} s", 413)
+        if n_samples > self.config.max_audio_seconds * SAMPLE_RATE:
+            raise self.too_long(n_samples / SAMPLE_RATE)
+
+    def too_long(self, seconds: float) -> ClientError:
+        return ClientError(f"audio is {seconds:.1f} s; this server takes at most {self.config.max_audio_seconds:g} s",
+                           413)
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:
-        return self.head.encoder(samples)
+        """16 kHz samples -> embeddings, in the prep worker (a PCM stream's speech so far)."""
+        if not self.prep.encodes:
+            return self.head.encoder(samples)
+        return torch.from_numpy(self._call_prep("audio", prep_fns.encode, np.ascontiguousarray(samples, np.float32)))
 
     # --- sessions
     def new_stream(self, identity: torch.Tensor, opts: StreamOptions, emb: torch.Tensor | None, final: bool) -> Stream:

@@ -196,7 +196,7 @@ def test_metrics_count_streams_and_frames(url, wav):
 
 def test_token_and_limits(worker, wav, tmp_path):
     cfg = ServeConfig(port=free_port(), token="s3cret", max_upload_bytes=200_000, max_audio_seconds=0.2)
-    strict = EngineWorker(cfg, head=worker.head)
+    strict = EngineWorker(cfg, head=worker.head, prep=worker.prep)
     strict.start()
     try:
         with running_server(strict, cfg) as u:

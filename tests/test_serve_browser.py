@@ -140,7 +140,7 @@ def test_cancel_stops_the_stream_and_a_bare_close_is_explained(browser, tmp_path
             assert status.text == "closed (1009): a file is larger than this server takes (--max-upload-mb)"
             assert browser.find_element(By.ID, "start").is_enabled()
         cfg = ServeConfig(port=free_port(), threads=1)
-        roomy = EngineWorker(cfg, head=worker.head)
+        roomy = EngineWorker(cfg, head=worker.head, prep=worker.prep)
         roomy.start()
         try:
             with running_server(roomy, cfg) as url:

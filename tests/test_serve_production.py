@@ -50,7 +50,7 @@ def wav(tmp_path_factory):
 def server_with(worker, log_level="warning", **changes):
     """A second server over the same loaded engine, with ``changes`` to its config; yields (url, server)."""
     cfg = dataclasses.replace(worker.config, port=free_port(), **changes)
-    w = EngineWorker(cfg, head=worker.head)
+    w = EngineWorker(cfg, head=worker.head, prep=worker.prep)
     w.start()
     try:
         with serving(w, cfg, log_level=log_level) as (u, server):
@@ -617,3 +617,39 @@ def test_a_cancelled_job_stops_its_stream(worker, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert poll(u, job["id"])["status"] == "cancelled" and poll(u, job["id"])["frames"] < 75
+
+
+# --- 9. a native crash while preparing fails that request only ------------------------------------------------
+
+
+def test_a_native_crash_in_preparation_fails_that_request_and_the_server_goes_on(worker, wav, tmp_path, monkeypatch):
+    from dheads.serve.prep import TEST_CRASH_HOOK
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the server's upload folders land here
+    monkeypatch.setenv(TEST_CRASH_HOOK, "SEGV:DH-CRASH-ME")  # the test hook: a marked file kills the prep worker
+    cfg = dataclasses.replace(worker.config, port=free_port())
+    w = EngineWorker(cfg, head=worker.head)  # a pool of its own, started with the hook in its environment
+    w.start()
+    marked = FACE.read_bytes() + b"DH-CRASH-ME"  # bytes after a PNG's end: a decoder would never look
+    crashed = ("server error: preparing the {} crashed its worker process ({}); the server goes on (report the file "
+               "if it is an ordinary {})")
+    try:
+        with serving(w, cfg) as (u, _):
+            before = w.prep.pids()
+            r = render(u, wav, face=marked)
+            assert (r.status_code, r.json()) == (500, {"error": crashed.format("face", "SIGSEGV", "face")})
+            r = render(u, wav)  # the next request: a fresh worker prepares it
+            assert r.status_code == 200 and len(decoded(r.content)) == int(r.headers["X-Frames"]) == 7
+            assert w.prep.pids() and w.prep.pids() != before
+            msgs, _, code = asyncio.run(exchange(u, [start_msg(), marked, wav.read_bytes()]))
+            assert (msgs, code) == ([{"type": "error", "error": crashed.format("face", "SIGSEGV", "face")}], 1011)
+            monkeypatch.setenv(TEST_CRASH_HOOK, "KILL:DH-CRASH-ME")  # as the OOM killer ends a process
+            msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes() + b"DH-CRASH-ME"]))
+            assert (msgs, code) == ([{"type": "error", "error": crashed.format("audio", "SIGKILL", "audio")}], 1011)
+            msgs, frames, code = stream(u, wav)
+            assert code == 1000 and msgs[-1] == {"type": "done", "frames": 7} and len(frames) == 7
+            assert metric(w, "dh_prep_crashes_total") == 3 and w.prep.restarts == 3
+            assert httpx.get(u + "/healthz").json()["status"] == "ok"
+        assert [p.name for p in tmp_path.iterdir()] == [w.video_dir.name]  # no upload folder left behind
+    finally:
+        w.stop()
