@@ -7,6 +7,10 @@ downmix and one resampler, so a file gives the same samples whichever reader dec
 * ``PyAV`` (FFmpeg libraries, no ffmpeg binary) for the rest: m4a/aac, mp4/mov/mpg soundtracks...
 
 Resampling is band-limited (``soxr``, high quality), never sample dropping. Channels are averaged.
+Decoding, downmix and resampling go block by block (``BLOCK_FRAMES`` at the file's rate, soxr's streaming
+resampler, bit-identical to resampling the whole), so the one array that grows with the file's length is
+the 16 kHz mono result; ``max_decode_s`` stops the decoder near a bound (``dh-run --max-seconds``, the
+server's cap), whatever the file's length.
 
 Frame counting follows the authors' windowing (see :func:`num_frames`): one audio embedding per
 25 fps video frame, ``n_frames = (n + 2560 - 3200) // 640 + 1`` at 16 kHz (200 for 8 s).
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,9 @@ SAMPLE_RATE = 16000
 FPS = 25
 # Peak below -80 dBFS counts as silence (digital zero, or dither only).
 SILENCE_PEAK = 1e-4
+BLOCK_FRAMES = 1 << 16  # frames (at the file's rate) decoded, downmixed and resampled at a time
+# Decoded past a cut so the samples kept before it are those of the whole file (soxr HQ looks ~10 ms ahead).
+DECODE_MARGIN_S = 0.1
 
 
 class AudioError(ValueError):
@@ -76,12 +84,13 @@ def load_audio(
         raise AudioError(f"{path}: file not found; check the path")
     if not path.is_file():
         raise AudioError(f"{path}: is not a file; give a path to an audio or video file")
-    data, rate = _read_any(path, max_decode_s)
-    mono = _to_mono(data)
-    if mono.size == 0:
+    rate, blocks, expected = _open_blocks(path, max_decode_s)
+    samples, n_in, bad = _resample_blocks(blocks, rate, sample_rate, expected)
+    if n_in == 0:
         raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
-    _check_finite(path, mono)
-    samples = _resample(mono, rate, sample_rate)
+    if bad:  # NaN or infinite samples are a corrupt file (float wav): refused, not called silent or encoded
+        raise AudioError(f"{path}: {bad} of {n_in} samples are NaN or infinite (a corrupt float file); "
+                         "re-encode it or give another file")
     _check_length(path, samples, sample_rate, fps)
     check_silence(path, samples, silence)
     return samples, sample_rate
@@ -109,20 +118,36 @@ def audio_seconds(path: str | Path) -> float | None:
         return None
 
 
-def _read_any(path: Path, max_s: float | None = None) -> tuple[np.ndarray, int]:
-    """``(data [n, channels] float32, rate)`` from soundfile if it can open ``path``, else PyAV; at most about
-    ``max_s`` seconds of it where given."""
+def _open_blocks(path: Path, max_s: float | None = None) -> tuple[int, Iterator[np.ndarray], int | None]:
+    """``(rate, mono float32 blocks at that rate, frames expected or None)``: soundfile if it can open
+    ``path``, else PyAV; at most about ``max_s`` seconds where given. Nothing is decoded before iterating."""
     try:
-        with sf.SoundFile(str(path)) as f:
-            frames = -1 if max_s is None else int(math.ceil(max_s * f.samplerate)) + 1
-            return f.read(frames=frames, dtype="float32", always_2d=True), int(f.samplerate)
+        f = sf.SoundFile(str(path))
     except (sf.SoundFileError, RuntimeError) as err:
         log.debug("soundfile cannot read %s (%s); trying PyAV", path, err)
-    return _read_pyav(path, max_s)
+    else:
+        rate = int(f.samplerate)
+        limit = -1 if max_s is None else int(math.ceil(max_s * rate)) + 1
+        expected = f.frames if f.frames > 0 else None
+        if expected is not None and limit >= 0:
+            expected = min(expected, limit)
+        return rate, _sf_blocks(f, limit), expected
+    return _pyav_blocks(path, max_s)
 
 
-def _read_pyav(path: Path, max_s: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of ``path`` with PyAV: ``(data [n, channels] float32, rate)``."""
+def _sf_blocks(f: sf.SoundFile, frames: int) -> Iterator[np.ndarray]:
+    with f:
+        try:
+            for block in f.blocks(blocksize=BLOCK_FRAMES, frames=frames, dtype="float32", always_2d=True):
+                yield _to_mono(block)
+        except (sf.SoundFileError, RuntimeError) as err:
+            raise AudioError(f"{f.name}: audio is corrupt ({' '.join(str(err).split())[:160]}); re-encode or "
+                             "give another file") from None
+
+
+def _pyav_blocks(path: Path, max_s: float | None) -> tuple[int, Iterator[np.ndarray], int | None]:
+    """PyAV's side of ``_open_blocks``. The rate is the first decoded frame's (HE-AAC, for one, decodes to
+    twice the rate its header states), so the first frame is decoded here."""
     import av
 
     try:
@@ -132,66 +157,97 @@ def _read_pyav(path: Path, max_s: float | None = None) -> tuple[np.ndarray, int]
             f"{path}: not a readable audio or video file ({_short(err)}); "
             "give wav/flac/mp3/ogg/m4a or a video with sound"
         ) from None
-    with container:
-        if not container.streams.audio:
-            kinds = ", ".join(f"{s.type} {s.codec_context.name}" for s in container.streams)
-            raise AudioError(
-                f"{path}: has no audio track (streams: {kinds or 'none'}); "
-                "give a file with a soundtrack"
-            )
-        return _decode_stream(path, container, max_s)
+    if not container.streams.audio:
+        kinds = ", ".join(f"{s.type} {s.codec_context.name}" for s in container.streams)
+        container.close()
+        raise AudioError(f"{path}: has no audio track (streams: {kinds or 'none'}); give a file with a soundtrack")
+    frames = _decode_blocks(path, container, max_s)
+    try:
+        first = next(frames)
+    except StopIteration:
+        return 0, iter(()), 0
+    except BaseException:
+        frames.close()
+        raise
+    rate, block = first
+
+    def blocks() -> Iterator[np.ndarray]:
+        yield block
+        for _, b in frames:
+            yield b
+
+    return rate, blocks(), None
 
 
-def _decode_stream(path: Path, container, max_s: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode every frame of the first audio stream to planar float32 at its native rate (stopping once
-    past ``max_s`` seconds where given).
-
-    The rate is taken from the decoded frames (HE-AAC, for one, decodes to twice the rate its
-    header states).
-    """
+def _decode_blocks(path: Path, container, max_s: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(rate, mono float32 block)`` per decoded frame of the first audio stream, at its native rate; stops
+    once past ``max_s`` seconds where given. Closes ``container``."""
     import av
 
-    stream = container.streams.audio[0]
-    # Only the sample format changes (layout and rate are kept): no resampling happens here.
-    converter = av.AudioResampler(format="fltp")
-    chunks: list[np.ndarray] = []
-    rate = stream.codec_context.sample_rate or 0
-    n = 0
-    try:
-        for frame in container.decode(stream):
-            rate = frame.sample_rate or rate
-            chunks += [out.to_ndarray() for out in converter.resample(frame)]
-            n += frame.samples
-            if max_s is not None and n > max_s * rate:
-                break
-        chunks += [out.to_ndarray() for out in converter.resample(None)]
-    except av.error.FFmpegError as err:
-        raise AudioError(
-            f"{path}: audio track is corrupt ({_short(err)}); re-encode or give another file"
-        ) from None
-    if not chunks:
-        return np.zeros((0, 1), np.float32), int(rate)
-    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), int(rate)
+    with container:
+        stream = container.streams.audio[0]
+        converter = av.AudioResampler(format="fltp")  # only the sample format changes: no resampling here
+        rate = stream.codec_context.sample_rate or 0
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                rate = frame.sample_rate or rate
+                for out in converter.resample(frame):
+                    yield int(rate), out.to_ndarray().mean(axis=0, dtype=np.float32)
+                n += frame.samples
+                if max_s is not None and n > max_s * rate:
+                    break
+            for out in converter.resample(None):
+                yield int(rate), out.to_ndarray().mean(axis=0, dtype=np.float32)
+        except av.error.FFmpegError as err:
+            raise AudioError(
+                f"{path}: audio track is corrupt ({_short(err)}); re-encode or give another file"
+            ) from None
+
+
+def _resample_blocks(blocks: Iterator[np.ndarray], rate: int, target: int,
+                     expected: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Mono blocks at ``rate`` -> ``(samples at target, input samples seen, non-finite ones among them)``,
+    through soxr's streaming resampler (the same samples as resampling the whole). ``expected``: the input's
+    length where known, to size the result once."""
+    stream = None if rate == target or rate <= 0 else soxr.ResampleStream(rate, target, 1, dtype="float32",
+                                                                          quality="HQ")
+    ratio = target / rate if rate > 0 else 1.0
+    out = _Growing(int(expected * ratio) + 64 if expected else 1 << 16)
+    n_in = bad = 0
+    for block in blocks:
+        n_in += block.size
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+        out.add(block if stream is None else stream.resample_chunk(block, last=False))
+    if stream is not None:
+        out.add(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    return out.result(), n_in, bad
+
+
+class _Growing:
+    """A float32 array appended to in place (doubling when full): no list of pieces and no concatenation,
+    so the peak is the result, not twice it, when the first size was right."""
+
+    def __init__(self, capacity: int):
+        self._buf, self.n = np.empty(max(1, capacity), np.float32), 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.n + x.size > self._buf.size:
+            bigger = np.empty(max(2 * self._buf.size, self.n + x.size), np.float32)
+            bigger[: self.n] = self._buf[: self.n]
+            self._buf = bigger
+        self._buf[self.n : self.n + x.size] = x
+        self.n += x.size
+
+    def result(self) -> np.ndarray:
+        if self.n < 0.9 * self._buf.size:  # a first size far off: do not keep the spare room alive
+            return self._buf[: self.n].copy()
+        return self._buf[: self.n]
 
 
 def _to_mono(data: np.ndarray) -> np.ndarray:
     """Average channels: ``[n, channels] -> [n]`` float32."""
     return np.ascontiguousarray(data.mean(axis=1, dtype=np.float32))
-
-
-def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Band-limited resampling with soxr (high quality); identity when the rates match."""
-    if rate == target:
-        return samples.astype(np.float32, copy=False)
-    return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
-
-
-def _check_finite(path: Path, samples: np.ndarray) -> None:
-    """NaN or infinite samples are a corrupt file (float wav): refused, not called silent or encoded."""
-    bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
-    if bad:
-        raise AudioError(f"{path}: {bad} of {samples.size} samples are NaN or infinite (a corrupt float file); "
-                         "re-encode it or give another file")
 
 
 def check_max_seconds(max_seconds: float | None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, check_max_seconds, check_silence, load_audio
+from .audio import DECODE_MARGIN_S, AudioError, check_max_seconds, check_silence, load_audio
 from .backends.base import BackendError, Denoiser
 from .config import RuntimeConfig, SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
@@ -163,7 +163,9 @@ class TalkingHead:
         t0 = time.perf_counter()
         identity = load_face(face, frame=frame, crop=crop, size=size)
         t1 = time.perf_counter()
-        samples, rate = load_audio(audio, silence="ignore")
+        # --max-seconds decodes only that much (+ the resampler's look-ahead, so the kept samples are the same)
+        samples, rate = load_audio(audio, silence="ignore",
+                                   max_decode_s=None if max_seconds is None else max_seconds + DECODE_MARGIN_S)
         if max_seconds is not None:
             samples = samples[: int(max_seconds * rate)]
             if samples.size < rate // 25:

@@ -5,7 +5,9 @@ Frames cross this module as ``np.ndarray`` uint8 ``[H, W, 3]`` RGB, C-contiguous
 strided arrays, so every frame is made contiguous here).
 
 Writing streams: ``MP4Writer.write`` encodes and muxes each frame as it arrives and interleaves
-the audio track frame by frame, so memory does not grow with the video's length. The file is
+the audio track frame by frame, so memory does not grow with the video's length. The audio is a whole
+array or an iterable of chunks (read as it is needed); either way it reaches the AAC encoder in frames of
+at most ``AUDIO_CHUNK`` samples, the rest of a track longer than the video too. The file is
 written to a hidden temporary name in the target directory and renamed over the target with
 ``os.replace`` only when everything succeeded; on any exception (``KeyboardInterrupt`` included)
 the temporary file is removed and the target is left as it was.
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "fast"
 AUDIO_BIT_RATE = 64_000  # mono speech; AAC-LC at 16 kHz
+AUDIO_CHUNK = 1 << 14  # samples at most in one audio frame handed to the encoder
 
 
 class VideoError(ValueError):
@@ -202,7 +205,9 @@ class MP4Writer:
                 w.write(frame)
 
     The frame size is taken from the first frame (H.264 yuv420p needs even sides). The audio
-    track keeps its own length: it is not cut or padded to the video's.
+    track keeps its own length: it is not cut or padded to the video's. ``audio``: mono samples
+    ``[S]`` (float in [-1, 1] or int16), or an iterable of such chunks, pulled as the video needs them
+    (a long track need never be in memory whole).
     """
 
     def __init__(
@@ -210,18 +215,27 @@ class MP4Writer:
         path: str | os.PathLike,
         *,
         fps: float = 25,
-        audio: np.ndarray | None = None,
+        audio: np.ndarray | Iterable[np.ndarray] | None = None,
         sample_rate: int = 16000,
         crf: int = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
     ) -> None:
         self.path = Path(path)
         self.fps = Fraction(fps).limit_denominator(1001)
-        self.audio = None if audio is None else _as_mono_float(audio)
         self.sample_rate = int(sample_rate)
         self.crf, self.preset = crf, preset
         self.n_frames = 0
-        self._audio_pos = 0
+        self.has_audio = audio is not None
+        if isinstance(audio, np.ndarray) and audio.ndim == 2 and 1 in audio.shape:
+            audio = audio.reshape(-1)
+        if isinstance(audio, np.ndarray):
+            if audio.ndim != 1:
+                raise VideoError(f"audio must be mono [samples], got shape {tuple(audio.shape)}")
+            whole = audio
+            audio = (whole[i : i + AUDIO_CHUNK] for i in range(0, len(whole), AUDIO_CHUNK))  # views, no copy
+        self._audio_src: Iterator[np.ndarray] | None = None if audio is None else iter(audio)
+        self._pending = np.zeros(0, np.float32)  # pulled from the source, not yet encoded
+        self._audio_pos = 0  # samples encoded
         self._shape: tuple[int, ...] | None = None
         self._container = None
         self._vstream = self._astream = None
@@ -254,7 +268,7 @@ class MP4Writer:
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.codec_context.time_base = 1 / self.fps
         self._vstream = v
-        if self.audio is not None:
+        if self.has_audio:
             a = self._container.add_stream("aac", rate=self.sample_rate, layout="mono")
             a.bit_rate = AUDIO_BIT_RATE
             self._astream = a
@@ -279,18 +293,26 @@ class MP4Writer:
         self._write_audio_until(round(self.n_frames * self.sample_rate / self.fps))
 
     def _write_audio_until(self, end: int | None) -> None:
-        """Encode audio samples ``[_audio_pos, end)`` (to the end where ``end`` is None)."""
+        """Encode audio samples ``[_audio_pos, end)`` (to the end of the track where ``end`` is None), in
+        frames of at most ``AUDIO_CHUNK`` samples, pulling chunks from the source as needed."""
         if self._astream is None:
             return
-        end = len(self.audio) if end is None else min(end, len(self.audio))
-        if end <= self._audio_pos:
-            return
-        chunk = self.audio[self._audio_pos : end]
-        af = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
-        af.sample_rate, af.pts = self.sample_rate, self._audio_pos
-        af.time_base = Fraction(1, self.sample_rate)
-        self._mux(self._astream.encode(af))
-        self._audio_pos = end
+        while end is None or self._audio_pos < end:
+            want = AUDIO_CHUNK if end is None else min(AUDIO_CHUNK, end - self._audio_pos)
+            while self._pending.size < want and self._audio_src is not None:
+                chunk = next(self._audio_src, None)
+                if chunk is None:
+                    self._audio_src = None
+                else:
+                    self._pending = np.concatenate([self._pending, _as_mono_float(chunk)])
+            if self._pending.size == 0:
+                return
+            chunk, self._pending = self._pending[:want], self._pending[want:]
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk)[None, :], format="flt", layout="mono")
+            af.sample_rate, af.pts = self.sample_rate, self._audio_pos
+            af.time_base = Fraction(1, self.sample_rate)
+            self._mux(self._astream.encode(af))
+            self._audio_pos += chunk.size
 
     def _mux(self, packets: list[av.Packet]) -> None:
         for packet in packets:
@@ -317,7 +339,7 @@ class MP4Writer:
             self.abort()
             raise
         log.info("wrote %s: %d frames @ %s fps%s", self.path, self.n_frames, self.fps,
-                 "" if self.audio is None else f", {len(self.audio) / self.sample_rate:.2f} s audio")
+                 "" if not self.has_audio else f", {self._audio_pos / self.sample_rate:.2f} s audio")
 
     def abort(self) -> None:
         """Drop the partial file; the target path is left untouched. Safe to call twice."""
@@ -337,11 +359,12 @@ def write_mp4(
     path: str | os.PathLike,
     frames: Iterable[np.ndarray],
     fps: float = 25,
-    audio: np.ndarray | None = None,
+    audio: np.ndarray | Iterable[np.ndarray] | None = None,
     sample_rate: int = 16000,
     **kwargs,
 ) -> int:
-    """Write frames (uint8 ``[H, W, 3]`` RGB, any iterable incl. a generator) + mono audio to mp4.
+    """Write frames (uint8 ``[H, W, 3]`` RGB, any iterable incl. a generator) + mono audio (an array or an
+    iterable of chunks, see ``MP4Writer``) to mp4.
 
     H.264 (libx264, yuv420p, crf 18) and AAC; ``kwargs`` go to ``MP4Writer`` (``crf``,
     ``preset``). Atomic: on any exception no file is left at ``path``. Returns the frame count.
