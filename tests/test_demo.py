@@ -22,7 +22,6 @@ EXAMPLES = REPO / "engine" / "assets" / "examples"
 def test_demo_assets_are_packaged():
     demo = default_engine_path()
     assert (demo / "manifest.json").is_file() and (demo / "unet.onnx").is_file()
-    assert (demo / "TRAINING.md").is_file()
     size = sum(p.stat().st_size for p in demo.iterdir())
     assert size < 30 * 2**20, size  # ships inside the wheel
 
