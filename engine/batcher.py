@@ -1,15 +1,15 @@
 """Continuous batching: live streams that join and leave at frame boundaries share one UNet call per step.
 
-A :class:`Stream` owns everything that crosses its frames (identity ``[1, 3, S, S]``, its audio embeddings
-``[N, D]``, which may grow while speech arrives, its motion ring, its seeded noise generator, its sampling
-plan and its frame index). :meth:`Batcher.step` makes one frame of every stream that is ready: for
-respaced step ``r`` of the frame it concatenates the ``x`` of the streams still running (each at its own
-timestep, so streams with different step counts or warm starts batch together), calls the denoiser once,
-and applies each stream's own sampler step (``plan.spec.step``, the functions of ``sampling.py``) to its
-row. Rows never mix: a stream's frames are those it makes alone, up to batched-kernel rounding of the UNet
-(``tests/test_batcher.py`` states the tolerance). The batch changes size from step to step, so this loop
-allocates per step and captures no CUDA graph (``FrameLoop`` remains the fixed-batch, graph-safe path).
-"""
+A :class:`Stream` owns its audio embeddings ``[N, D]`` (which may grow while speech arrives), its sampling
+plan, and one ``generate.FrameState`` of batch 1: what crosses its frames (identity ``[1, 3, S, S]``, motion
+ring, seeded noise, last frame, frame index), the same state ``FrameLoop`` and the reference loop drive.
+:meth:`Batcher.step` makes one frame of every stream that is ready: each stream runs the one step loop of a
+frame (``plan.frame_steps``), and for respaced step ``r`` of the frame the batcher concatenates the ``x`` of
+the streams still running (each at its own timestep, so streams with different step counts or warm starts
+batch together), calls the denoiser once, and sends each stream its row. Rows never mix: a stream's frames
+are those it makes alone, up to batched-kernel rounding of the UNet (``tests/test_batcher.py`` states the
+tolerance). The batch changes size from step to step, so this loop allocates per step and captures no CUDA
+graph (``FrameLoop`` remains the fixed-batch, graph-safe path)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from .backends.base import Denoiser
-from .conditioning import MotionRing, audio_window_indices
+from .conditioning import audio_window_indices
 from .config import DiffusionConfig, SamplerConfig
+from .generate import FrameState
 from .image import to_uint8_frames
-from .noise import SeededNoise
-from .plan import SamplingPlan, make_plan, make_state, warm_start
+from .plan import FrameSteps, SamplingPlan, make_plan
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class Frame:
 
 
 class Stream:
-    """Per-stream state of one video. Feed embeddings with :meth:`feed`; ``final`` once the speech is whole.
+    """One video's stream. Feed embeddings with :meth:`feed`; ``final`` once the speech is whole. What crosses
+    its frames (identity, motion ring, seeded noise, last frame, frame count) is one ``FrameState`` of batch 1
+    (``video``), the state ``FrameLoop`` and the reference loop drive too.
 
     Frame i needs embeddings ``i - w .. i + w`` (``w`` = the model's audio window, clamped at the ends), so
     while speech is still arriving frame i waits for row ``i + w``; once ``final``, every row is known.
@@ -50,21 +52,19 @@ class Stream:
         cfg, dev = denoiser.config, denoiser.device
         self.name, self.window = name, cfg.audio_window
         self.plan: SamplingPlan = make_plan(diffusion, sampler)
-        self.tables = self.plan.tables(dev)
-        self.identity = identity.to(dev, torch.float32).reshape(1, 3, cfg.image_size, cfg.image_size)
-        self.ring = MotionRing(1, cfg.motion_frames, 1 if cfg.grayscale_motion else 3, cfg.image_size, device=dev,
-                               grayscale=cfg.grayscale_motion)
-        self.ring.reset(self.identity)
-        self.noise_fn = SeededNoise(seed, dev, corr=self.plan.sampler.noise_corr)
-        self.noise = torch.empty(self.plan.steps + 1, 1, 3, cfg.image_size, cfg.image_size, device=dev)
-        self.last = torch.empty_like(self.identity)  # the previous frame, for warm starts
+        self.video = FrameState(self.plan, cfg, 1, dev)
+        self.video.start(identity.to(dev, torch.float32).reshape(1, 3, cfg.image_size, cfg.image_size), seed=seed)
+        self.identity, self.tables = self.video.identity, self.video.tables
         self.emb = torch.empty(0, cfg.audio_dim, device=dev)
         self.final = False
-        self.frames_done = 0
         self.paused = False  # set by the consumer (backpressure): a paused stream sits out frames
         self._lock = threading.Lock()
         if audio_emb is not None or final:
             self.feed(audio_emb if audio_emb is not None else self.emb, final=final)
+
+    @property
+    def frames_done(self) -> int:
+        return self.video.frames_done
 
     def feed(self, audio_emb: torch.Tensor, *, final: bool = False) -> None:
         """Replace the embeddings with those of all the speech so far ``[N, D]`` (N may only grow)."""
@@ -93,23 +93,18 @@ class Stream:
     def done(self) -> bool:
         return self.final and self.frames_done >= self.emb.shape[0]
 
-    def _begin(self) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, ...]]:
-        """Draw the frame's noise and return (x at its first step, its audio window [1, 2w+1, D], start, state)."""
+    def _begin(self) -> tuple[FrameSteps, torch.Tensor, int]:
+        """Draw the frame's noise; return (its step loop, its audio window [1, 2w+1, D], its first step)."""
         with self._lock:
             emb = self.emb
         idx = audio_window_indices(emb.shape[0], self.window, frames=[self.frames_done]).to(emb.device)
-        self.noise_fn(self.frames_done, self.noise)
-        warm = self.frames_done > 0 and self.plan.calls(True) < self.plan.steps
-        start = self.plan.start(warm)
-        x = warm_start(torch.empty_like(self.last), self.last, self.noise[0], self.tables, start) if warm \
-            else self.noise[0].clone()
-        return x, emb[idx], start, make_state(self.plan.spec, x)
+        self.video.draw_noise()
+        x, start = self.video.begin()
+        return self.video.steps(x, start), emb[idx], start
 
     def _finish(self, x: torch.Tensor) -> Frame:
-        self.last.copy_(x)
-        self.ring.push(x)
-        self.frames_done += 1
-        return Frame(self, self.frames_done - 1, to_uint8_frames(x)[0])
+        self.video.finish(x)
+        return Frame(self, self.frames_done - 1, to_uint8_frames(self.video.frame)[0])
 
 
 class Batcher:
@@ -127,25 +122,25 @@ class Batcher:
         if not live:
             return []
         begun = [s._begin() for s in live]
-        xs = [b[0] for b in begun]
+        steps = [b[0] for b in begun]
         audio = [b[1] for b in begun]
         starts = [b[2] for b in begun]
-        states = [b[3] for b in begun]
+        at = [next(g) for g in steps]  # each stream's (x, respaced step k) waiting for its model output
+        made: list[torch.Tensor | None] = [None] * len(live)
         rounds = max(k + 1 for k in starts)
         self.last_batch = len(live)
         for r in range(rounds):
             # streams with fewer calls this frame join on the later rounds, so every stream ends on round -1
             rows = [j for j, k in enumerate(starts) if k + 1 >= rounds - r]
-            ks = [starts[j] - (r - (rounds - starts[j] - 1)) for j in rows]
-            out = self.denoiser(torch.cat([xs[j] for j in rows]),
-                                torch.stack([live[j].tables.timesteps[k].float() for j, k in zip(rows, ks)]),
+            out = self.denoiser(torch.cat([at[j][0] for j in rows]),
+                                torch.stack([live[j].tables.timesteps[at[j][1]].float() for j in rows]),
                                 torch.cat([live[j].identity for j in rows]),
-                                torch.cat([live[j].ring.flat for j in rows]),
+                                torch.cat([live[j].video.ring.flat for j in rows]),
                                 torch.cat([audio[j] for j in rows]))
             self.unet_calls += 1
-            for n, (j, k) in enumerate(zip(rows, ks)):
-                s = live[j]
-                i = starts[j] - k  # steps this stream has taken in this frame
-                xs[j] = s.plan.spec.step(xs[j], out[n : n + 1], s.tables, k, s.noise[1 + k],
-                                         s.plan.sampler.clip_denoised, states[j], i)
-        return [s._finish(x) for s, x in zip(live, xs)]
+            for n, j in enumerate(rows):  # each stream's own step (plan.frame_steps) on its row
+                try:
+                    at[j] = steps[j].send(out[n : n + 1])
+                except StopIteration as done:
+                    made[j] = done.value
+        return [s._finish(x) for s, x in zip(live, made)]

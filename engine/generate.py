@@ -1,28 +1,96 @@
 """The per-frame loop over any Denoiser, with preallocated state and optional CUDA-graph replay.
 
-Everything a frame needs lives in static buffers allocated once per video (x_t, the noise of the
-frame, the motion ring, the identity, the current audio window, the step coefficient tables), so
-a frame's whole step loop issues no allocation, host-device copy or synchronisation of its own and
-can be captured once as a CUDA graph and replayed for every frame. The loop never asks which
-backend it holds.
+What crosses a video's frames (the motion ring, the noise function and the frame's noise buffer, the
+last frame, the frame count, the sampler's state) lives in one :class:`FrameState`, and a frame runs the
+one step loop of ``plan.frame_steps``. Three loops drive that same state: :class:`FrameLoop` here (a fixed
+batch of streams, CUDA graphs), ``batcher.Batcher`` (streams that join and leave; one ``FrameState`` per
+stream) and ``reference.generate_reference`` (the eager oracle). Everything a frame needs lives in static
+buffers allocated once per state, so FrameLoop's whole step loop issues no allocation, host-device copy or
+synchronisation of its own and can be captured once as a CUDA graph and replayed for every frame. The
+loop never asks which backend it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .backends.base import Denoiser, graph_denoiser
 from .conditioning import MotionRing, audio_windows
-from .config import DiffusionConfig, SamplerConfig
+from .config import DiffusionConfig, ModelConfig, SamplerConfig
 from .noise import NoiseFn, as_noise_fn
-from .plan import denoise_frame, make_plan, make_state, warm_start
+from .plan import FrameSteps, SamplingPlan, denoise_frame, frame_steps, make_plan, make_state, warm_start
 
 log = logging.getLogger(__name__)
+
+
+class FrameState:
+    """What crosses the frames of ``batch`` streams sampled together with one ``plan``: identity, motion ring,
+    the noise function and this frame's noise ``[1 + n, B, 3, S, S]``, the last frame (``frame``, where a warm
+    start begins), the frame count and the sampler's state. Buffers are made once; a video begins with
+    :meth:`start`, and each frame is :meth:`draw_noise`, :meth:`begin`, the steps, :meth:`finish`."""
+
+    def __init__(self, plan: SamplingPlan, model: ModelConfig, batch: int = 1,
+                 device: torch.device | str = "cpu"):
+        dev, s = torch.device(device), model.image_size
+        self.plan = plan
+        self.tables = plan.tables(dev)
+        self.noise = torch.empty(plan.steps + 1, batch, 3, s, s, device=dev)
+        self.identity = torch.empty(batch, 3, s, s, device=dev)
+        self.ring = MotionRing(batch, model.motion_frames, 1 if model.grayscale_motion else 3, s, device=dev,
+                               grayscale=model.grayscale_motion)
+        self.frame = torch.empty(batch, 3, s, s, device=dev)
+        self.x_warm = torch.empty(batch, 3, s, s, device=dev)
+        self.sampler_state = make_state(plan.spec, self.frame)  # the sampler's preallocated per-frame state
+        self.noise_fn: NoiseFn | None = None
+        self.frames_done = 0
+
+    def start(self, identity: torch.Tensor, *, seed: int | Sequence[int] = 0,
+              noise: torch.Tensor | NoiseFn | None = None) -> None:
+        """Begin a video of ``identity`` [B, 3, S, S]: motion ring full of it, frame count 0, and its noise
+        (``noise.as_noise_fn``: the caller's, else seeded, correlated as the plan's sampler says)."""
+        self.identity.copy_(identity)
+        self.ring.reset(self.identity)
+        self.noise_fn = as_noise_fn(noise, seed, self.noise.device, corr=self.plan.sampler.noise_corr)
+        self.frames_done = 0
+
+    def draw_noise(self) -> None:
+        """Fill ``noise`` with the next frame's."""
+        self.noise_fn(self.frames_done, self.noise)
+
+    @property
+    def warm(self) -> bool:
+        """Whether the next frame starts warm: not the first frame, and the plan's warm start is shorter."""
+        return self.frames_done > 0 and self.plan.calls(True) < self.plan.steps
+
+    def begin(self, warm: bool | None = None) -> tuple[torch.Tensor, int]:
+        """(x at the frame's first step, that respaced step): ``noise[0]``, or, ``warm`` (default: :attr:`warm`),
+        the last frame noised to the plan's warm step (written into ``x_warm``)."""
+        warm = self.warm if warm is None else warm
+        start = self.plan.start(warm)
+        x = warm_start(self.x_warm, self.frame, self.noise[0], self.tables, start) if warm else self.noise[0]
+        return x, start
+
+    def steps(self, x: torch.Tensor, start: int) -> FrameSteps:
+        """The frame's step loop (``plan.frame_steps``) from ``x`` at ``start``, on this state's noise and
+        sampler state."""
+        return frame_steps(x, self.plan, self.tables, self.noise, self.sampler_state, start)
+
+    def denoise(self, model, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The frame from ``x`` at ``start`` with one ``model(x, k)`` (``plan.denoise_frame``)."""
+        return denoise_frame(model, x, self.plan, self.tables, self.noise, self.sampler_state, start)
+
+    def finish(self, x: torch.Tensor | None = None) -> None:
+        """Keep frame ``x`` (None: ``frame`` already holds it) as the last frame, push it into the motion ring,
+        count it."""
+        if x is not None:
+            self.frame.copy_(x)
+        self.ring.push(self.frame)
+        self.frames_done += 1
 
 
 @dataclass(frozen=True)
@@ -37,29 +105,29 @@ class LoopConfig:
 
 
 class FrameLoop:
-    """Static state for ``batch`` independent streams and the denoising of one frame of each."""
+    """A :class:`FrameState` for ``batch`` independent streams (``video``) and the denoising of one frame
+    of each, eager or replayed from a CUDA graph; ``noise``, ``identity``, ``ring``, ``frame`` and ``state``
+    are the state's buffers."""
 
     def __init__(self, denoiser: Denoiser, config: LoopConfig = LoopConfig()):
         self.denoiser, self.config = denoiser, config
         cfg, dev, b = denoiser.config, denoiser.device, config.batch
-        s = cfg.image_size
         self.plan = make_plan(config.diffusion, config.sampler)
         self.n_steps = self.plan.steps
-        self.tables = self.plan.tables(dev)
+        self.video = FrameState(self.plan, cfg, b, dev)
+        self.tables = self.video.tables
         # Per-step float timesteps, already batched: the UNet input for step k is t_table[k].
         self.t_table = self.tables.timesteps.float()[:, None].expand(-1, b).contiguous()
-        self.noise = torch.empty(self.n_steps + 1, b, 3, s, s, device=dev)
-        self.identity = torch.empty(b, 3, s, s, device=dev)
+        self.noise, self.identity, self.ring = self.video.noise, self.video.identity, self.video.ring
+        self.frame, self.state = self.video.frame, self.video.sampler_state
         self.audio = torch.empty(b, cfg.audio_frames, cfg.audio_dim, device=dev)
-        self.ring = MotionRing(b, cfg.motion_frames, 1 if cfg.grayscale_motion else 3, s, device=dev,
-                               grayscale=cfg.grayscale_motion)
-        self.frame = torch.empty(b, 3, s, s, device=dev)
-        self.x_warm = torch.empty(b, 3, s, s, device=dev)
-        self.state = make_state(self.plan.spec, self.frame)  # the sampler's preallocated per-frame state
         self.use_graph = config.cuda_graph and dev.type == "cuda" and denoiser.graph_safe
         # warm -> (graph, the denoiser it captured): each graph keeps its own (a TensorRT context per graph)
         self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Denoiser]] = {}
-        self.frames_done = 0
+
+    @property
+    def frames_done(self) -> int:
+        return self.video.frames_done
 
     def denoise(self, warm: bool = False, denoiser: Denoiser | None = None) -> None:
         """x = noise[0] (or, ``warm``, the last frame noised to the plan's warm step); run the plan's steps
@@ -69,9 +137,8 @@ class FrameLoop:
         def model(x: torch.Tensor, k: int) -> torch.Tensor:
             return den(x, self.t_table[k], self.identity, self.ring.flat, self.audio)
 
-        start = self.plan.start(warm)
-        x = warm_start(self.x_warm, self.frame, self.noise[0], self.tables, start) if warm else self.noise[0]
-        self.frame.copy_(denoise_frame(model, x, self.plan, self.tables, self.noise, self.state, start))
+        x, start = self.video.begin(warm)
+        self.frame.copy_(self.video.denoise(model, x, start))
 
     def _capture(self, warm: bool) -> tuple[torch.cuda.CUDAGraph, Denoiser]:
         """Warm up, then capture, on one side stream of the loop's device, with a denoiser of the graph's own
@@ -95,11 +162,12 @@ class FrameLoop:
 
     def reset(self) -> None:
         """Start a new video: the next frame starts from pure noise."""
-        self.frames_done = 0
+        self.video.frames_done = 0
 
     def run_frame(self) -> None:
-        """Denoise one frame of every stream into ``self.frame`` and push it into the motion ring."""
-        warm = self.frames_done > 0 and self.plan.calls(True) < self.plan.steps
+        """Denoise one frame of every stream into ``self.frame`` and push it into the motion ring (the frame's
+        noise is already in ``noise``: ``FrameState.draw_noise``)."""
+        warm = self.video.warm
         with on_device(self.frame.device):  # streams, capture and TensorRT's enqueue on the loop's GPU (cuda:N)
             if self.use_graph:
                 if warm not in self._graphs:
@@ -107,8 +175,7 @@ class FrameLoop:
                 self._graphs[warm][0].replay()
             else:
                 self.denoise(warm)
-            self.ring.push(self.frame)
-        self.frames_done += 1
+            self.video.finish()
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -156,13 +223,14 @@ def _prepare_audio(audio_emb: list[torch.Tensor], window: int, device) -> tuple[
 
 @torch.no_grad()
 def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch.Tensor | list[torch.Tensor], *,
-                    config: LoopConfig | None = None, seed: int = 0,
+                    config: LoopConfig | None = None, seed: int | Sequence[int] = 0,
                     noise: torch.Tensor | NoiseFn | None = None, loop: FrameLoop | None = None
                     ) -> Iterator[torch.Tensor]:
     """Yield frames [B, 3, H, W] (CPU, float32, [-1, 1]) one video frame at a time, as they are made.
 
     identity: [B, 3, H, W] in [-1, 1]; audio_emb: [N, D] (B = 1) or a list of B per-stream [N_b, D].
     Streams shorter than the longest keep running on their last audio window; trim with their length.
+    seed: one for the batch's noise, or one per stream (each stream's noise as alone with its seed).
     noise: None (seeded), a tensor [N, 1 + steps, B, 3, H, W], or ``fn(i, out)`` filling frame i's buffer.
     """
     streams = [audio_emb] if isinstance(audio_emb, torch.Tensor) else list(audio_emb)
@@ -171,15 +239,11 @@ def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch
         raise ValueError(f"batch mismatch: {identity.shape[0]} identities, {len(streams)} audio streams, "
                          f"loop batch {config.batch}")
     loop = loop or FrameLoop(denoiser, config)
-    dev = denoiser.device
-    table, lengths = _prepare_audio(streams, denoiser.config.audio_window, dev)
-    noise_fn = as_noise_fn(noise, seed, dev, corr=loop.plan.sampler.noise_corr)
-    loop.identity.copy_(identity)
-    loop.ring.reset(loop.identity)
-    loop.reset()
+    table, lengths = _prepare_audio(streams, denoiser.config.audio_window, denoiser.device)
+    loop.video.start(identity, seed=seed, noise=noise)
     host = _HostFrames(loop.frame)
     for i in range(max(lengths)):
-        noise_fn(i, loop.noise)
+        loop.video.draw_noise()
         loop.audio.copy_(table[:, i])
         loop.run_frame()
         host.push(i, loop.frame)

@@ -14,7 +14,7 @@ noise, here 0.8, changes (the grain that fresh noise redraws every frame is larg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -82,9 +82,14 @@ class TensorNoise:
         out.copy_(self.noise[frame], non_blocking=True)
 
 
-def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int, device, corr: float = 0.0) -> NoiseFn:
-    """The caller's noise, else ``SeededNoise(seed)`` with frames' noise correlated ``corr``."""
+def as_noise_fn(noise: torch.Tensor | NoiseFn | None, seed: int | Sequence[int], device,
+                corr: float = 0.0) -> NoiseFn:
+    """A video's noise, the one place a frame loop's seeded noise is made: the caller's ``noise`` (a tensor
+    ``[N, 1 + n_steps, B, 3, H, W]`` or a function), else ``seed`` (an int: ``SeededNoise`` over the whole
+    batch; one seed per stream: ``PerStreamNoise``, each stream as alone), frames' noise correlated ``corr``."""
     if noise is None:
+        if isinstance(seed, Sequence):
+            return PerStreamNoise(list(seed), device, corr)
         return SeededNoise(seed, device, corr)
     if isinstance(noise, torch.Tensor):
         return TensorNoise(noise)

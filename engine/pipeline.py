@@ -25,7 +25,7 @@ from .backends.base import BackendError, Denoiser
 from .config import RuntimeConfig, SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
-from .noise import NoiseFn, PerStreamNoise
+from .noise import NoiseFn
 from .plan import default_sampler
 from .video import MP4Writer, check_output
 
@@ -220,14 +220,11 @@ class TalkingHead:
         graph = self.runtime.cuda_graph if cuda_graph is None else cuda_graph  # None: the runtime's choice
         cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs), cuda_graph=graph,
                          diffusion=self.info.diffusion)
-        dev = self.denoiser.device
-        if noise is None:
-            noise = PerStreamNoise(list(seeds) if seeds is not None else [0] * len(inputs), dev,
-                                   corr=cfg.sampler.noise_corr)
-        identity = torch.cat([x.identity for x in inputs]).to(dev)
+        seeds = list(seeds) if seeds is not None else [0] * len(inputs)  # one per stream: each as alone
+        identity = torch.cat([x.identity for x in inputs]).to(self.denoiser.device)
         with self._checkout(cfg) as loop:
             for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,
-                                     noise=noise, loop=loop):
+                                     seed=seeds, noise=noise, loop=loop):
                 yield to_uint8_frames(x)
 
     def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig | None = None, seed: int = 0,

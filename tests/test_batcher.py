@@ -100,4 +100,4 @@ def test_paused_stream_sits_out(head, inputs):
     frames = Batcher(head.denoiser).step([a, b])
     assert [f.stream for f in frames] == [a] and b.frames_done == 0
     assert isinstance(frames[0].rgb, np.ndarray) and frames[0].rgb.shape == (64, 64, 3)
-    assert torch.equal(b.ring.buffer[:, 0], b.ring.buffer[:, -1])  # b's state untouched
+    assert torch.equal(b.video.ring.buffer[:, 0], b.video.ring.buffer[:, -1])  # b's state untouched
