@@ -175,6 +175,12 @@ def teacher_path(teacher_grid: list[int], t_hi: int, t_lo: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- DDIM algebra (pure)
+# The engine's equations (engine/sampling.py: predict_x0, ddim_step, ddpm_step), written per sample from abar:
+# distillation steps a batch whose samples sit at different timesteps, between any two timesteps of a teacher
+# grid (and to the clean sample), while the engine's steps read coefficients precomputed in float64 for one
+# plan's grid at a respaced index k. The same equation rounds differently in float32 that way (x0 at t = 666:
+# 59% of values differ by up to 1 ulp), so calling the engine's steps would change every progressive run's
+# targets; tests/test_distill.py checks these against the engine's steps in float64 (to 1e-9 or better).
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), clamped to [-1, 1] (the engine's ``predict_x0``)."""
