@@ -14,11 +14,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from dheads.engine import names
 from dheads.engine.cli_errors import OneLineErrors
 
 MODEL_NAMES = ("small", "crema", "demo")
 
-app = typer.Typer(add_completion=False, help="Benchmark backends against the authors' sampling loop, same run.")
+app = typer.Typer(add_completion=False, rich_markup_mode=None, help="Benchmark backends against the authors' sampling loop, same run.")
 err = Console(stderr=True)
 
 
@@ -40,29 +41,28 @@ def _print_table(text: str) -> None:
 
 @app.command(cls=OneLineErrors)
 def bench(
-    model: str = typer.Option("small", help="small | crema (random weights), or demo (the packaged bundle, "
-                                            "ONNX Runtime only)."),
+    model: str = typer.Option("small", help="small | crema (random weights) | demo "
+                                            "(the packaged bundle)."),
     backends: str = typer.Option("pytorch", help="Comma list: pytorch,onnxruntime,tensorrt."),
     precisions: str = typer.Option("fp32", help="Comma list: fp32,fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     steps: int = typer.Option(100, help="Denoising steps per frame."),
     frames: int = typer.Option(4, help="Frames timed in the sustained loop (after the first)."),
     batch: int = typer.Option(4, help="Batch of independent streams for the batched measurements."),
-    repeats: int = typer.Option(10, help="Timed repeats of each UNet forward."),
+    repeats: int = typer.Option(10, help="Timed repeats of each UNet call."),
     reference: bool = typer.Option(True, help="Also time the authors' loop (the 1.00x baseline)."),
     cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph."),
-    timing: bool = typer.Option(True, help="Time the backends; --no-timing only checks each against strict fp32."),
+    timing: bool = typer.Option(True, help="--no-timing: only check parity "
+                                   "with strict fp32."),
     threads: int = typer.Option(0, help="CPU threads, as dh-run --threads (0 = auto)."),
-    out: Optional[Path] = typer.Option(None, help="Also write <name>.json and <name>.md into this folder "
-                                                  "(default: print only; the committed results are in "
-                                                  "benchmarks/results)."),
-    name: str = typer.Option("", help="Result file stem (default: <model>_<device>, + _parity with --no-timing; "
-                                      "with --compare: cpu_engines_<date>)."),
-    compare: Optional[str] = typer.Option(None, help="CPU engines to compare instead, interleaved frame by frame on a "
-                                          "real render (benchmarks/cpu_engines.py): a comma list of backend:precision, "
-                                          "or 'all' (onnxruntime:fp32,int8 and openvino:fp32,bf16,int8)."),
-    engine: Optional[Path] = typer.Option(None, help="With --compare: the bundle (default: the packaged demo; int8 "
-                                          "rows need a bundle that holds unet_int8.onnx, see dh-export --precision int8)."),
+    out: Optional[Path] = typer.Option(None, help="Also write NAME.json and NAME.md "
+                                                  "here."),
+    name: str = typer.Option("", help="Result file stem (default: "
+                                      "MODEL_DEVICE)."),
+    compare: Optional[str] = typer.Option(None, help="Compare CPU engines instead: "
+                                          "backend:precision,... or all."),
+    engine: Optional[Path] = typer.Option(None, help="With --compare: the bundle "
+                                          "(default: the demo)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress (INFO)."),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -73,12 +73,16 @@ def bench(
         return
     if model not in MODEL_NAMES:
         raise typer.BadParameter(f"choose one of {', '.join(MODEL_NAMES)}", param_hint="--model")
-    for value, hint in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch"), (repeats, "--repeats")):
+    try:
+        names.check_steps(steps)
+    except ValueError as e:
+        raise typer.BadParameter(names.flag_error(e, "--steps"), param_hint="--steps") from None
+    for value, hint in ((frames, "--frames"), (batch, "--batch"), (repeats, "--repeats")):
         if value < 1:
             raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=hint)
     from dheads.engine.backends import BACKENDS, BackendError
 
-    for value, allowed, hint in ((backends, BACKENDS, "--backends"), (precisions, ("fp32", "fp16"), "--precisions")):
+    for value, allowed, hint in ((backends, BACKENDS, "--backends"), (precisions, names.PRECISIONS[:2], "--precisions")):
         unknown = [v for v in _csv(value) if v not in allowed]
         if unknown or not _csv(value):
             raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'} given; use a comma list of "

@@ -12,14 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
-from dheads.benchmarks.evaluate import EvalConfig, EvalInputError, evaluate_path, report, write_json
 
 log = logging.getLogger(__name__)
 
-app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, rich_markup_mode=None, help=__doc__.splitlines()[0])
 
 # (JSON key, column title, format) for the table; the JSON holds every metric.
 COLUMNS = (
@@ -48,12 +44,14 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(int(value) if "d}" in fmt else float(value))
 
 
-def render_table(document: dict[str, Any]) -> Table:
+def render_table(document: dict[str, Any]):
     """One row per video plus the mean row, from :func:`report`'s document.
 
     Columns whose values are all missing (PSNR/SSIM without ``--reference``, face metrics with
     ``--no-face``) are left out.
     """
+    from rich.table import Table
+
     rows, mean = document["videos"], document["mean"]
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     table = Table(title="dh-eval")
@@ -66,8 +64,10 @@ def render_table(document: dict[str, Any]) -> Table:
     return table
 
 
-def _console() -> Console:
+def _console():
     """stdout console; when piped, wide enough for the whole table instead of rich's 80 columns."""
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=160)
 
@@ -83,22 +83,23 @@ def run(
     generated: Path = typer.Argument(..., help="A video, or a folder of videos."),
     reference: Optional[Path] = typer.Option(
         None, "--reference", "-r",
-        help="The real video (a folder when GENERATED is one; matched by file stem): PSNR/SSIM, and OFM, "
-             "F-MSE, blinks, mouth motion and sync as ratios to it (1 = as real; judged two-sided).",
+        help="The real video (or folder): PSNR/SSIM, and the metrics as ratios to it.",
     ),
     identity: Optional[Path] = typer.Option(
-        None, "--identity", help="Identity image for drift and colour drift (default: each video's first frame)."
+        None, "--identity", help="Identity image for drift (default: each video's first frame)."
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all metrics to this JSON file."),
     face: bool = typer.Option(True, "--face/--no-face", help="Run MediaPipe for blinks, lip-sync and the face box."),
     size: int = typer.Option(128, help="Resize frames to SIZE x SIZE for pixel metrics (0: keep)."),
     max_frames: Optional[int] = typer.Option(None, help="Evaluate at most this many frames per video."),
-    max_lag: int = typer.Option(5, help="Mouth-vs-speech lag search, frames each way (the AV offsets allowed)."),
+    max_lag: int = typer.Option(5, help="Lip-sync lag searched, frames each way."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
 ) -> None:
     """Smoothness (OFM, F-MSE), blinks, mouth motion and mouth-vs-speech sync (own and other videos' speech),
     identity and colour drift, colour flicker; with --reference, PSNR/SSIM and ratios to the real video."""
     _setup_logging(verbose)
+    from dheads.benchmarks.evaluate import EvalConfig, EvalInputError, evaluate_path, report, write_json
+
     config = EvalConfig(size=size or None, face=face, max_frames=max_frames, max_lag=max_lag)
     try:
         rows = evaluate_path(generated, reference=reference, identity=identity, config=config)

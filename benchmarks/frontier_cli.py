@@ -12,11 +12,9 @@ from typing import Optional
 
 import typer
 
-from dheads.engine.errors import USER_ERRORS
+from dheads.engine import names
 
-from .frontier import FrontierConfig, frontier, markdown, write
-
-app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, rich_markup_mode=None, help=__doc__.splitlines()[0])
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -25,7 +23,7 @@ def _ints(value: str) -> tuple[int, ...]:
 
 @app.command()
 def run(
-    clips: list[Path] = typer.Argument(..., help="Held-out talking-face videos (identity = first frame, own audio)."),
+    clips: list[Path] = typer.Argument(..., help="Held-out talking-face videos."),
     engine: Optional[Path] = typer.Option(None, "--engine", "-e", help="Engine to sample (default: the demo model)."),
     samplers: str = typer.Option("ddpm,ddim,dpmpp_2m,unipc", help="Comma list of samplers."),
     calls: str = typer.Option("2,3,4,6,8,10,15,20,25,50,100", help="Comma list of steps (= calls per frame)."),
@@ -35,12 +33,25 @@ def run(
     face: bool = typer.Option(True, "--face/--no-face", help="Lip-sync proxy and face crop (MediaPipe)."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results."),
     name: str = typer.Option("frontier", help="Result file stem."),
-    extend: Optional[Path] = typer.Option(None, help="An earlier run's JSON (same engine, clips and settings): keep "
-                                                     "its reference and rows, run only the rows it lacks."),
+    extend: Optional[Path] = typer.Option(None, help="An earlier run's JSON: run only "
+                                                     "the rows it lacks."),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dheads").setLevel(logging.INFO)
+    try:
+        for s in samplers.split(","):
+            if s:
+                names.check_sampler(s)
+        for c in clips:
+            if not c.is_file():
+                raise FileNotFoundError(f"no such file: {c}")
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"dh-frontier: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from dheads.engine.errors import USER_ERRORS
     from dheads.engine.pipeline import TalkingHead
+
+    from .frontier import FrontierConfig, frontier, markdown, write
 
     try:
         for c in clips:

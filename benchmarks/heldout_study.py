@@ -89,11 +89,9 @@ def roundtrip_mp4(frames: np.ndarray, fps: int = 25) -> np.ndarray:
 def study_sampler(default: SamplerConfig, sampler: SamplerConfig | None = None, frame_noise: str | None = None,
                   warm_steps: int = 0) -> SamplerConfig:
     """What the study samples with: ``sampler``, else the engine's ``default`` (its recorded sampler, steps
-    and frame noise, as ``dh-run`` would use); ``frame_noise`` and ``warm_steps`` (when given) over it."""
-    changes = {"frame_noise": frame_noise} if frame_noise is not None else {}
-    if warm_steps:
-        changes["warm_steps"] = warm_steps
-    return dataclasses.replace(sampler or default, **changes)
+    and frame noise, as ``dh-run`` would use); ``frame_noise`` and ``warm_steps`` (when given; 0 = not given)
+    over it, by ``SamplerConfig.override``, the merge dh-run uses."""
+    return (sampler or default).override(frame_noise=frame_noise, warm_steps=warm_steps or None)
 
 
 def not_held_out(training: dict, clip: str, speaker: str | None) -> str | None:

@@ -134,3 +134,22 @@ def flag_error(error: ValueError, flag: str) -> str:
         if text.startswith(subject + "must"):
             return text.removeprefix(subject)
     return text
+
+
+RULES = {"steps": check_steps, "sampler": check_sampler, "spacing": check_spacing, "frame_noise": check_frame_noise,
+         "tables": check_tables, "eta": check_eta, "seed": check_seed, "preset": check_preset,
+         "precision": check_precision}
+
+
+def check_flags(**given) -> None:
+    """Each given flag (None: not given) by its rule above; ValueError ``--<flag> must ...`` (one line), for a
+    command that reports its own errors (dh-export, the benchmarks)."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            RULES[name](value)
+        except ValueError as e:
+            text = flag_error(e, flag)
+            raise ValueError(f"{flag}: {text}" if text == str(e) else f"{flag} {text}") from None

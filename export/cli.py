@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from dheads.engine import names
 from dheads.engine.cli_errors import OneLineErrors
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dheads.export")
 err = Console(stderr=True)
 out = Console()
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Export a Diffused Heads checkpoint to a verified ONNX / TensorRT bundle.")
 
 
@@ -54,6 +54,8 @@ def _size(n: int) -> str:
 
 
 def _summary(result) -> None:
+    from rich.table import Table
+
     m = result.manifest
     files = Table(title=f"bundle {result.out_dir}", show_header=True)
     files.add_column("file")
@@ -86,41 +88,37 @@ def _summary(result) -> None:
 
 @app.command(cls=OneLineErrors)
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint: ours, the authors' crema_script.pt, or Lightning; "
-                                      "with --precision int8 also an fp32 bundle folder (copied, int8 added)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle directory "
-                                          "(default: CHECKPOINT's name + '_bundle', beside it)."),
-    audio_encoder: Optional[Path] = typer.Option(None, "--audio-encoder", help="The authors' audio_encoder.pt, "
-                                                 "to bundle the SDA encoder as ONNX."),
-    precision: str = typer.Option("fp16", help="fp16 | fp32: precision of the TensorRT plan (fp16 also writes "
-                                  "unet_fp16.onnx); int8: fp32 plus unet_int8.onnx, quantized by NNCF on real "
-                                  "calls of the fp32 UNet rendering --calibrate sources."),
-    calibrate: Optional[list[str]] = typer.Option(None, "--calibrate", help="int8 calibration source, repeatable: "
-                                                  "a video clip (its first frame + its speech) or FACE,AUDIO "
-                                                  "(default: the packaged example face and speech)."),
-    calibration_seconds: float = typer.Option(2.0, help="Seconds of each calibration source rendered (all steps "
-                                              "of every frame recorded)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (ours, crema_script.pt, Lightning); "
+                                      "with --precision int8 also a bundle folder."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle folder "
+                                          "(default: CHECKPOINT's name + _bundle)."),
+    audio_encoder: Optional[Path] = typer.Option(None, "--audio-encoder", help="The authors' audio_encoder.pt "
+                                                 "(bundled as ONNX)."),
+    precision: str = typer.Option("fp16", help=f"{' | '.join(names.EXPORT_PRECISIONS)}: the TensorRT plan's; int8 "
+                                  "adds unet_int8.onnx (docs)."),
+    calibrate: Optional[list[str]] = typer.Option(None, "--calibrate", help="int8 calibration: a video or "
+                                                  "FACE,AUDIO (repeatable)."),
+    calibration_seconds: float = typer.Option(2.0, help="Seconds of each calibration "
+                                              "source."),
     batch: str = typer.Option("1", help="Batch sizes the engine accepts: N, or MIN:OPT:MAX."),
     opset: int = typer.Option(18, help="ONNX opset (18..21)."),
-    image_size: Optional[int] = typer.Option(None, help="Resolution to export at, for checkpoints that do not "
-                                             "record it (TorchScript, Lightning: default 128)."),
+    image_size: Optional[int] = typer.Option(None, help="Resolution, for checkpoints that "
+                                             "record none (default 128)."),
     tensorrt: Optional[bool] = typer.Option(None, "--tensorrt/--no-tensorrt", help="Build unet.plan "
-                                            "(default: when TensorRT and a CUDA GPU are present)."),
+                                            "(default: with TensorRT and a GPU)."),
     typing_: str = typer.Option("auto", "--typing", help="TensorRT network typing: auto | strong | weak."),
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache to reuse and update."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --output."),
     seed: Optional[int] = typer.Option(None, help="Seed of the parity-check inputs (default: fresh random)."),
-    frame_noise: Optional[str] = typer.Option(None, help="The bundle's default frame noise: fresh | repeat | a "
-                                              "correlation in (0, 1) between frames' noise (default: the "
-                                              "checkpoint's)."),
-    steps: Optional[int] = typer.Option(None, help="The bundle's default steps (UNet calls per frame; default: "
-                                        "the checkpoint's)."),
-    spacing: Optional[str] = typer.Option(None, help="The bundle's default step placement: uniform | karras | "
-                                          "trailing (default: the checkpoint's)."),
+    frame_noise: Optional[str] = typer.Option(None, help="Bundle's default: fresh | repeat | a "
+                                              "correlation in (0, 1)."),
+    steps: Optional[int] = typer.Option(None, help="Bundle's default steps (calls per frame)."),
+    spacing: Optional[str] = typer.Option(None, help=f"Bundle's default: {' | '.join(names.SPACINGS)}."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the exporter does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _check_flags(checkpoint, precision, steps, spacing, frame_noise)
     from .errors import FAILURES, USER_ERRORS, ExportError
     from .pipeline import run_export
 
@@ -136,6 +134,7 @@ def export(
             raise ExportError(f"--calibration-seconds must be > 0, got {calibration_seconds}")
         calibration = [CalibrationSource.parse(c, seed=i, seconds=calibration_seconds)
                        for i, c in enumerate(calibrate or ())] or None
+        _check_source(checkpoint, precision)
         if precision == "int8" and checkpoint.is_dir():
             from .pipeline import run_quantize
 
@@ -160,6 +159,44 @@ def export(
     except OSError as e:
         _fail(f"{e.filename or out_dir}: {e.strerror or e}", 2)
     _summary(result)
+
+
+def _check_source(path: Path, precision: str) -> None:
+    """ExportError (one line) for a source dh-export cannot take: a symlink loop (``Path.exists`` calls it
+    missing), or a folder other than a bundle given with ``--precision int8``."""
+    import errno
+    import os
+
+    from dheads.engine.bundle import MANIFEST
+
+    from .errors import ExportError
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ExportError(f"{path}: symlink loop (the link leads back to itself), not a checkpoint") from None
+        return  # missing: the pipeline says so
+    if path.is_dir() and precision != "int8":
+        if (path / MANIFEST).is_file():
+            raise ExportError(f"{path}: an export bundle, not a checkpoint; dh-export makes a bundle from a "
+                              "checkpoint file (ours, crema_script.pt, Lightning, a UNet state_dict), or adds int8 "
+                              "to a bundle with --precision int8")
+        raise ExportError(f"{path}: is a directory, not a checkpoint file (with --precision int8 it may be an "
+                          "export bundle folder)")
+
+
+def _check_flags(checkpoint: Path, precision: str, steps: int | None, spacing: str | None,
+                 frame_noise: str | None) -> None:
+    """What can be refused before torch is imported (the rules of ``engine/names.py``; the pipeline applies
+    them again for library callers): one line, exit 2."""
+    try:
+        names.check_flags(frame_noise=frame_noise, steps=steps, spacing=spacing)
+        names.check_precision(precision, names.EXPORT_PRECISIONS)
+    except ValueError as e:
+        _fail(str(e) if str(e).startswith("--") else f"--{e}", 2)
+    if not checkpoint.exists() and not checkpoint.is_symlink():
+        _fail(f"{checkpoint}: no such file", 2)
 
 
 def _fail(e: BaseException | str, code: int) -> None:

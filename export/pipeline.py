@@ -27,8 +27,7 @@ from dheads.engine.backends.base import BatchProfile, unet_io_spec
 from dheads.engine.bundle import (MANIFEST, UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8, UNET_PLAN, BundleError,
                                   BundleFile, Manifest, read_manifest, sha256_file, write_manifest)
 from dheads.engine.checkpoint import load_checkpoint
-from dheads.engine.config import SPACINGS
-from dheads.engine.noise import noise_correlation
+from dheads.engine import names
 
 from .audio import audio_record
 from .errors import ExportError
@@ -157,9 +156,7 @@ def add_int8(bundle: Path, calibration=None, stage=None, threads: int | None = N
 
 
 def _default_sampler_dict(manifest: Manifest) -> dict:
-    from dheads.engine.plan import default_sampler
-
-    return default_sampler(manifest.diffusion).to_dict()
+    return manifest.diffusion.sampling.to_dict()
 
 
 def run_quantize(bundle: str | os.PathLike, out_dir: str | os.PathLike, *, calibration=None, overwrite: bool = False,
@@ -234,13 +231,15 @@ class _Stage:
 
 
 def _with_sampling(ckpt, frame_noise: str | None, steps: int | None, spacing: str | None):
-    """The checkpoint with these as its default sampling (what the manifest records), where given."""
-    asked = {"frame_noise": frame_noise, "sampling_steps": steps, "spacing": spacing}
-    changes = {k: v for k, v in asked.items() if v is not None}
-    if steps is not None and steps > ckpt.diffusion.num_timesteps:
-        raise ExportError(f"--steps must be at most {ckpt.diffusion.num_timesteps} (the model's diffusion "
-                          f"timesteps), got {steps}")
-    return replace(ckpt, diffusion=replace(ckpt.diffusion, **changes)) if changes else ckpt
+    """The checkpoint with these over its default sampling (what the manifest records), where given."""
+    d = ckpt.diffusion
+    try:
+        if steps is not None:
+            names.check_steps(steps, d.num_timesteps)
+        sampling = d.sampling.override(frame_noise=frame_noise, steps=steps, spacing=spacing)
+    except ValueError as e:
+        raise ExportError(str(e) if str(e).startswith("--") else f"--{e}") from None
+    return replace(ckpt, diffusion=replace(d, sampling=sampling))
 
 
 def _with_image_size(ckpt, image_size: int | None):
@@ -260,17 +259,11 @@ def _check_request(ckpt: Path, out_dir: Path, precision: str, opset: int, overwr
                    spacing: str | None = None) -> None:
     if image_size is not None and image_size < 8:
         raise ExportError(f"--image-size must be at least 8, got {image_size}")
-    if frame_noise is not None:
-        try:
-            noise_correlation(frame_noise)
-        except ValueError as e:
-            raise ExportError(str(e).replace("frame noise", "--frame-noise", 1)) from None
-    if steps is not None and steps < 1:
-        raise ExportError(f"--steps must be at least 1, got {steps}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ExportError(f"--spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-    if precision not in ("fp16", "fp32", "int8"):
-        raise ExportError(f"--precision must be fp16, fp32 or int8, got {precision!r}")
+    try:  # the rules of engine/names.py (dh-export's CLI applies the same before torch loads)
+        names.check_flags(frame_noise=frame_noise, steps=steps, spacing=spacing)
+        names.check_precision(precision, names.EXPORT_PRECISIONS)
+    except ValueError as e:
+        raise ExportError(str(e) if str(e).startswith("--") else f"--{e}") from None
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (torch's exporter "
                           f"emits opset 18+; its conversion down to 17 produces invalid Split nodes)")

@@ -12,7 +12,6 @@ frame: the model learns to continue from what it actually produced, drift and al
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ from dheads.engine.atomic import atomic_write
 from dheads.engine.bundle import sha256_file
 from dheads.engine.checkpoint import load_checkpoint
 from dheads.engine.image import to_tensor, to_uint8_frames
-from dheads.engine.plan import default_sampler
 from dheads.engine.reference import generate_reference
 
 from .dataset import ClipStore, rollout_path
@@ -60,9 +58,7 @@ def write_rollouts(checkpoint: str | os.PathLike, data: str | os.PathLike, *, sp
     if ckpt.model.image_size != store.size:
         raise ValueError(f"the model makes {ckpt.model.image_size} px frames but {data} holds {store.size} px clips")
     store.require_encoder(ckpt.audio, "the model")
-    sampler = default_sampler(ckpt.diffusion)
-    if frame_noise is not None:
-        sampler = dataclasses.replace(sampler, frame_noise=frame_noise)  # validated by SamplerConfig
+    sampler = ckpt.diffusion.sampling.override(frame_noise=frame_noise)  # the one merge; checked by SamplerConfig
     net = ckpt.build(device=device)
     fps = store.audio.fps
     embeddings = [np.asarray(store.clip(k).audio_emb) for k in range(len(store))]
