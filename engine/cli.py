@@ -12,14 +12,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from . import names
 from .cli_errors import OneLineErrors, raise_if_interrupted
-from .config import SamplerConfig
-# Sampler and preset names for --help without importing torch (the registries: engine.sampling.SAMPLERS,
-# engine.plan.PRESETS; tests/test_plan.py checks these lists against them).
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-PRESET_NAMES = ("quality", "realtime")
+from .config import RuntimeConfig, SamplerConfig
 
 T_START = time.perf_counter()  # before torch loads: "time to first frame" counts it (not Python's own ~0.2 s)
 T_OPEN = T_START  # when the engine began to open (imports done): set by run()
@@ -27,7 +23,9 @@ log = logging.getLogger("dheads.run")
 progress_log = logging.getLogger("dheads.run.progress")  # logged without -v: the only sign of life in a log file
 PROGRESS_EVERY_S = 10.0
 err = Console(stderr=True)
-app = typer.Typer(add_completion=False, help="Generate a talking-head video from one face image and speech.")
+# Plain (click) help: it wraps in any terminal width, where rich's option panels cut long words at 80 columns.
+app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                  help="Generate a talking-head video from one face image and speech.")
 
 
 def describe_sampler(cfg: SamplerConfig) -> str:
@@ -41,6 +39,8 @@ def describe_sampler(cfg: SamplerConfig) -> str:
 
 
 def _summary(stats, out: Path, open_s: float, sampler: SamplerConfig, engine: str = "") -> None:
+    from rich.table import Table
+
     t = Table(title=f"wrote {out}", show_header=False)
     if engine:
         t.add_row("engine", engine)
@@ -68,33 +68,40 @@ def _stages(stats, open_s: float) -> str:
     return ", ".join(parts + [f"first frame {stats.first_frame_s:.2f} s"])
 
 
-def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, crop: str,
-                 max_seconds: float | None, frame: int, spacing: str | None = None,
-                 frame_noise: str | None = None) -> None:
-    """Flag values that are wrong whatever the engine: refused before anything loads (one line, exit 2)."""
-    from .config import SPACINGS
-    from .noise import MAX_SEED, noise_correlation
+def _flag(flag: str, rule, *args):
+    """``rule(*args)`` (an ``engine/names.py`` rule); its ValueError as ``Invalid value for <flag>: ...``."""
+    try:
+        return rule(*args)
+    except ValueError as e:
+        raise typer.BadParameter(names.flag_error(e, flag), param_hint=flag) from None
 
+
+def _check_flags(steps: int | None, sampler: str | None, eta: float | None, seed: int, crop: str,
+                 max_seconds: float | None, frame: int, spacing: str | None = None,
+                 frame_noise: str | None = None, tables: str | None = None, warm_steps: int | None = None,
+                 preset: str | None = None) -> None:
+    """Flag values that are wrong whatever the engine: refused by the rules of ``engine/names.py`` before
+    anything heavy (torch) is imported (one line, exit 2)."""
     if frame_noise is not None:
-        try:
-            noise_correlation(frame_noise)
-        except ValueError as e:
-            raise typer.BadParameter(str(e).removeprefix("frame noise "), param_hint="--frame-noise") from None
+        _flag("--frame-noise", names.noise_correlation, frame_noise)
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
-    if spacing is not None and spacing not in SPACINGS:
-        raise typer.BadParameter(f"must be one of {', '.join(SPACINGS)}, got {spacing!r}", param_hint="--spacing")
-    if steps is not None and steps < 1:
-        raise typer.BadParameter(f"must be at least 1, got {steps}", param_hint="--steps")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise typer.BadParameter(f"must be a number >= 0, got {eta}", param_hint="--eta")
+    if spacing is not None:
+        _flag("--spacing", names.check_spacing, spacing)
+    if steps is not None:
+        _flag("--steps", names.check_steps, steps)
+    if eta is not None:
+        _flag("--eta", names.check_eta, eta)
     if sampler is not None:
-        try:
-            SamplerConfig(name=sampler, steps=steps or 1, eta=eta)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--sampler") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise typer.BadParameter(f"must be in 0..2**64-1, got {seed}", param_hint="--seed")
+        _flag("--sampler", names.check_sampler, sampler)
+    if tables is not None:
+        _flag("--tables", names.check_tables, tables)
+    if warm_steps is not None:
+        _flag("--warm-steps", names.check_warm_steps, warm_steps,
+              steps if steps is not None else max(warm_steps, 0))
+    if preset is not None:
+        _flag("--preset", names.check_preset, preset)
+    _flag("--seed", names.check_seed, seed)
     if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
         raise typer.BadParameter(f"must be a positive number of seconds, got {max_seconds}",
                                  param_hint="--max-seconds")
@@ -102,111 +109,106 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float, seed: int, 
         raise typer.BadParameter(f"must be >= 0, got {frame}", param_hint="--frame")
 
 
-def _sampler_config(sampler: str | None, steps: int | None, eta: float, tables: str, warm_steps: int,
-                    preset: str | None, head, spacing: str | None = None,
-                    frame_noise: str | None = None) -> SamplerConfig:
-    """The preset's (else the engine's) sampler where a flag is not given (``plan.choose_sampler``, the merge
-    dh-serve applies to a client's fields); ``--steps`` must fit the model."""
-    from .plan import choose_sampler, preset_sampler
+def _sampler_config(head, preset: str | None, **flags) -> SamplerConfig:
+    """The preset's (else the engine's) sampler, with the flags given over it (``SamplerConfig.override``, the
+    merge every front end uses); ``--steps`` must fit the model (``names.check_steps``)."""
+    from .plan import preset_sampler
 
     diffusion = head.info.diffusion
+    base = preset_sampler(preset, diffusion) if preset else head.default_sampler
+    if flags.get("steps") is not None:
+        _flag("--steps", names.check_steps, flags["steps"], diffusion.num_timesteps)
     try:
-        base = preset_sampler(preset, diffusion) if preset else head.default_sampler
+        return base.override(**flags)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--preset") from None
-    try:
-        return choose_sampler(diffusion, base, name=sampler, steps=steps, eta=eta, tables=tables,
-                              warm_steps=warm_steps or None, spacing=spacing, frame_noise=frame_noise)
-    except ValueError as e:
-        if str(e).startswith("steps must be at most"):
-            raise typer.BadParameter(str(e).removeprefix("steps "), param_hint="--steps") from None
-        raise typer.BadParameter(str(e), param_hint="--preset/--sampler/--steps/--warm-steps/--tables/--spacing/--frame-noise") from None
+        hint = "--preset/--sampler/--steps/--warm-steps/--tables/--spacing/--frame-noise"
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+
+
+def _error(message) -> None:
+    err.print(f"dh-run: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 @app.command(cls=OneLineErrors)
 def run(
-    face: Path = typer.Argument(..., help="Photo or video of one face (video: first frame, or --frame K)."),
-    audio: Path = typer.Argument(..., help="Speech: wav, flac, mp3, ogg, m4a, or a video's audio track."),
+    face: Path = typer.Argument(..., help="Photo or video of one face (video: --frame K)."),
+    audio: Path = typer.Argument(..., help="Speech: wav, flac, mp3, ogg, m4a or a video."),
     output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="Output mp4 (H.264 + AAC, 25 fps)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", "-e", help="Plan, export bundle dir, ONNX or "
-                                          "checkpoint. Default: the small demo model shipped with the package."),
-    steps: Optional[int] = typer.Option(None, help="Respaced denoising steps (default: the engine's)."),
-    sampler: Optional[str] = typer.Option(None, help=f"{' | '.join(SAMPLER_NAMES)} (default: the engine's; README 'Sampling')."),
-    eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic given x_T)."),
-    warm_steps: int = typer.Option(0, help="Warm start: frames after the first start from the previous frame "
-                                           "noised to this respaced step and run only these steps (0 = off)."),
-    tables: str = typer.Option("float64", help="Step coefficient tables: float64, or authors (their float32 "
-                                               "tables: their sampler bit for bit)."),
-    spacing: Optional[str] = typer.Option(None, help="Which timesteps the steps visit: uniform (the authors' rule), "
-                                                      "karras (denser at low noise) or trailing (Lin et al. 2024: "
-                                                      "no call at t = 0). Default: the preset's, else the model's."),
-    frame_noise: Optional[str] = typer.Option(None, help="fresh: new noise every frame (the authors' way); repeat: "
-                                                          "every frame reuses frame 0's noise, so frames differ only "
-                                                          "where their audio and motion do; a number between 0 and 1 "
-                                                          "(e.g. 0.8): each frame's noise correlated that much with "
-                                                          "every other frame's. Default: the preset's, else the model's."),
-    preset: Optional[str] = typer.Option(None, help=f"{' | '.join(PRESET_NAMES)}: a measured sampler/steps choice "
-                                                    "(--sampler/--steps/--warm-steps override its parts)."),
-    seed: int = typer.Option(0, help="Seed of all noise; same seed, same device: same video."),
-    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | openvino | tensorrt "
-                                                  "(default: from the engine; openvino needs the [openvino] extra)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", "-e", help="Bundle folder, .plan, .onnx or "
+                                          "checkpoint (default: the demo model)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the engine's)."),
+    sampler: Optional[str] = typer.Option(None, help=f"{' | '.join(names.SAMPLERS)} (default: the engine's)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta (default: the engine's, 0)."),
+    warm_steps: Optional[int] = typer.Option(None, help="Start frames after the first from the previous one, "
+                                             "noised to this step (0 = off)."),
+    tables: Optional[str] = typer.Option(None, help=f"{' | '.join(names.TABLES)} (authors: their float32 "
+                                         "tables)."),
+    spacing: Optional[str] = typer.Option(None, help=f"{' | '.join(names.SPACINGS)}: which timesteps the "
+                                          "steps visit."),
+    frame_noise: Optional[str] = typer.Option(None, help="fresh | repeat | a correlation in (0, 1) between "
+                                              "frames' noise."),
+    preset: Optional[str] = typer.Option(None, help=f"{' | '.join(names.PRESETS)}: a measured sampler choice "
+                                         "(flags override it)."),
+    seed: int = typer.Option(0, help="Seed of all noise (same seed and device: same video)."),
+    backend: Optional[str] = typer.Option(None, help="pytorch | torch-compile | onnxruntime | openvino | "
+                                          "tensorrt (default: from the engine)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 (PyTorch backend on GPU) | bf16 (openvino, CPUs with "
-                                               "bf16) | int8 (openvino or onnxruntime; a bundle with unet_int8.onnx)."),
-    crop: str = typer.Option("auto", help="auto: find the face and frame it like the training data; none: centre."),
+    precision: str = typer.Option("fp32", help=f"{' | '.join(names.PRECISIONS)} (which backend runs which: "
+                                  "docs)."),
+    crop: str = typer.Option("auto", help="auto: frame the face as in training; none: centre."),
     frame: int = typer.Option(0, help="Frame index when FACE is a video."),
     max_seconds: Optional[float] = typer.Option(None, help="Use only the first N seconds of the audio."),
-    allow_silence: bool = typer.Option(False, help="Accept silent audio (a face that does not talk) instead of "
-                                                   "refusing it."),
-    audio_encoder: Optional[Path] = typer.Option(None, help="The authors' audio_encoder.pt, for SDA models."),
-    cuda_graph: bool = typer.Option(True, help="Capture each frame's step loop as a CUDA graph (GPU)."),
-    threads: int = typer.Option(0, help="CPU threads for the engine running the UNet (0 = auto: OMP_NUM_THREADS, "
-                                        "else the cores the load average leaves free); torch gets 1 unless it "
-                                        "runs the UNet."),
+    allow_silence: bool = typer.Option(False, help="Accept silent audio instead of refusing it."),
+    audio_encoder: Optional[Path] = typer.Option(None, help="The authors' audio_encoder.pt (SDA models)."),
+    cuda_graph: bool = typer.Option(True, help="Capture each frame's steps as a CUDA graph (GPU)."),
+    threads: int = typer.Option(0, help="CPU threads for the UNet (0 = auto)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame, spacing, frame_noise)
-    from .errors import USER_ERRORS
-    from .pipeline import TalkingHead
+    # Everything that can be refused without the engine is refused here, before torch is imported.
+    _check_flags(steps, sampler, eta, seed, crop, max_seconds, frame, spacing, frame_noise, tables, warm_steps,
+                 preset)
     from .threads import parse_threads
-    from .video import check_output
-
-    from .config import RuntimeConfig
 
     try:
         runtime = RuntimeConfig(backend=backend, device=device, precision=precision, threads=parse_threads(threads),
                                 cuda_graph=cuda_graph, audio_encoder=None if audio_encoder is None else str(audio_encoder))
     except ValueError as e:
-        err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _error(e)
+    for path in (face, audio):
+        if not path.exists():
+            _error(f"no such file: {path}")
+    from .video import VideoError, check_output  # av and numpy, not torch
+
     try:
-        if not face.exists():
-            raise FileNotFoundError(f"no such file: {face}")
-        if not audio.exists():
-            raise FileNotFoundError(f"no such file: {audio}")
         check_output(output, inputs=(face, audio))
+    except VideoError as e:
+        _error(e)
+    from .errors import USER_ERRORS
+    from .pipeline import RenderRequest, TalkingHead
+
+    try:
         global T_OPEN
         t_open = T_OPEN = time.perf_counter()
         head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
         raise_if_interrupted()
-        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing, frame_noise)
+        cfg = _sampler_config(head, preset, name=sampler, steps=steps, eta=eta, tables=tables,
+                              warm_steps=warm_steps, spacing=spacing, frame_noise=frame_noise)
         with _progress() as show:
             def on_frame(done: int, total: int) -> None:
                 raise_if_interrupted()
                 show(done, total)
 
-            stats = head.render(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
-                                max_seconds=max_seconds, allow_silence=allow_silence, on_frame=on_frame)
+            request = RenderRequest(face, audio, output, sampler=cfg, seed=seed, crop=crop, frame=frame,
+                                    max_seconds=max_seconds, allow_silence=allow_silence)
+            stats = head.render(request, on_frame=on_frame)
     except USER_ERRORS as e:
-        err.print(f"dh-run: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _error(e)
     except OSError as e:  # a disk that fills up, an output folder that cannot be made, ...
-        err.print(f"dh-run: error: {e.filename or output}: {e.strerror or e}", markup=False, highlight=False,
-                  soft_wrap=True)
-        raise typer.Exit(2) from None
-    _summary(stats, output, open_s, cfg or head.default_sampler, head.info.description)
+        _error(f"{e.filename or output}: {e.strerror or e}")
+    _summary(stats, output, open_s, cfg, head.info.description)
 
 
 @contextlib.contextmanager
