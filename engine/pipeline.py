@@ -1,7 +1,7 @@
 """One call from a face and a speech file to a talking-head video: the library behind ``dh-run``.
 
-``TalkingHead.open(engine)`` picks the backend from the artifact; ``.render(face, audio, out)`` writes
-an mp4 atomically; ``.stream(face, audio)`` yields uint8 frames as they are made.
+``TalkingHead.open(engine)`` picks the backend from the artifact; ``.render(RenderRequest(face, audio, out))``
+writes an mp4 atomically; ``.frames(.prepare(face, audio))`` yields uint8 frames as they are made.
 """
 
 from __future__ import annotations
@@ -80,18 +80,26 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One video of a batch: the face, the speech, where its mp4 goes, and per-video options.
+class RenderRequest:
+    """One video to render: the face, the speech, where its mp4 goes, and how it is made. The one value a
+    front end builds (dh-run from its flags) for ``TalkingHead.render`` / ``render_batch``.
 
-    ``seed`` None takes the batch's seed; with the same seed a video comes out as ``render`` makes it.
+    ``sampler`` None: the engine's recorded sampling (``TalkingHead.default_sampler``; build another with
+    ``plan.choose_sampler``). ``seed``: of all the video's noise; the same request on the same device gives the
+    same video, alone or in a batch. ``crop``: ``auto`` (find the face) or ``none``; ``frame``: which frame of
+    a face video; ``max_seconds``: use only the first seconds of the speech; ``allow_silence``: accept silent
+    speech. Where the engine runs (device, backend, threads, CUDA graphs) is the head's ``RuntimeConfig``.
     """
 
     face: str | Path
     audio: str | Path
     out: str | Path
+    sampler: SamplerConfig | None = None
+    seed: int = 0
+    crop: str = "auto"
     frame: int = 0
     max_seconds: float | None = None
-    seed: int | None = None
+    allow_silence: bool = False
 
 
 def _sum_stages(stages) -> dict[str, float]:
@@ -177,10 +185,10 @@ class TalkingHead:
         return Inputs(identity=identity, samples=samples, audio_emb=emb, stages=stages)
 
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
-               noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
+               noise: torch.Tensor | NoiseFn | None = None) -> Iterator[np.ndarray]:
         """Yield uint8 frames [S, S, 3] in order as they are generated (streaming). ``sampler`` None: the
         engine's recorded sampler and steps (``default_sampler``)."""
-        for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise, cuda_graph=cuda_graph):
+        for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise):
             yield imgs[0]
 
     @property
@@ -209,17 +217,16 @@ class TalkingHead:
                     del self._loops[next(iter(self._loops))]
 
     def frames_batch(self, inputs: Sequence[Inputs], *, sampler: SamplerConfig | None = None,
-                     seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None,
-                     cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
+                     seeds: Sequence[int] | None = None, noise: torch.Tensor | NoiseFn | None = None
+                     ) -> Iterator[np.ndarray]:
         """Several videos as one batch of streams: yield uint8 ``[B, S, S, 3]`` per frame index.
 
         Stream b's noise is seeded with ``seeds[b]`` (default 0 each), as a batch of one would be, unless
         ``noise`` is given. Streams shorter than the longest repeat their last audio window: keep the
-        first ``inputs[b].n_frames`` frames of stream b.
+        first ``inputs[b].n_frames`` frames of stream b. CUDA graphs: as the head's ``runtime.cuda_graph``.
         """
-        graph = self.runtime.cuda_graph if cuda_graph is None else cuda_graph  # None: the runtime's choice
-        cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs), cuda_graph=graph,
-                         diffusion=self.info.diffusion)
+        cfg = LoopConfig(sampler=sampler or self.default_sampler, batch=len(inputs),
+                         cuda_graph=self.runtime.cuda_graph, diffusion=self.info.diffusion)
         seeds = list(seeds) if seeds is not None else [0] * len(inputs)  # one per stream: each as alone
         identity = torch.cat([x.identity for x in inputs]).to(self.denoiser.device)
         with self._checkout(cfg) as loop:
@@ -227,34 +234,36 @@ class TalkingHead:
                                      seed=seeds, noise=noise, loop=loop):
                 yield to_uint8_frames(x)
 
-    def render_batch(self, jobs: Sequence[Job], *, sampler: SamplerConfig | None = None, seed: int = 0,
-                     crop: str = "auto", allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None,
-                     cuda_graph: bool | None = None, on_frame=None) -> RunStats:
-        """Write every job's mp4 from one batched loop (one UNet call per step for all of them).
+    def render_batch(self, requests: Sequence[RenderRequest], *, noise: torch.Tensor | NoiseFn | None = None,
+                     on_frame=None) -> RunStats:
+        """Write every request's mp4 from one batched loop (one UNet call per step for all of them); each video
+        comes out as ``render`` makes it alone. The requests must share one sampler (None: the engine's).
 
         Each mp4 is atomic: a failed run leaves none of them behind. Stats count batch steps (frames of
         the longest video); ``on_frame(done, total)`` is called per batch step. ``noise`` as in
         ``frames_batch`` (it replaces the seeds).
         """
-        outs = [Path(j.out).resolve() for j in jobs]
-        if not jobs or len(set(outs)) != len(outs):
-            raise ValueError("render_batch needs at least one job and a different output path for each")
-        for j in jobs:
-            check_output(j.out, inputs=(j.face, j.audio))
+        outs = [Path(r.out).resolve() for r in requests]
+        if not requests or len(set(outs)) != len(outs):
+            raise ValueError("render_batch needs at least one request and a different output path for each")
+        samplers = {r.sampler or self.default_sampler for r in requests}
+        if len(samplers) > 1:
+            raise ValueError(f"render_batch runs one sampler for all its videos, got {len(samplers)} different ones")
+        for r in requests:
+            check_output(r.out, inputs=(r.face, r.audio))
         t_prep = time.perf_counter()
-        inputs = [self.prepare(j.face, j.audio, crop=crop, frame=j.frame, max_seconds=j.max_seconds,
-                               allow_silence=allow_silence) for j in jobs]
+        inputs = [self.prepare(r.face, r.audio, crop=r.crop, frame=r.frame, max_seconds=r.max_seconds,
+                               allow_silence=r.allow_silence) for r in requests]
         prepare_s = time.perf_counter() - t_prep
-        seeds = [seed if j.seed is None else j.seed for j in jobs]
         fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
         lat: list[float] = []
         t0 = last = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(MP4Writer(j.out, fps=fps, audio=x.samples,
+            writers = [stack.enter_context(MP4Writer(r.out, fps=fps, audio=x.samples,
                                                      sample_rate=self.info.audio.sample_rate))
-                       for j, x in zip(jobs, inputs)]
-            for i, imgs in enumerate(self.frames_batch(inputs, sampler=sampler, seeds=seeds, noise=noise,
-                                                       cuda_graph=cuda_graph)):
+                       for r, x in zip(requests, inputs)]
+            for i, imgs in enumerate(self.frames_batch(inputs, sampler=samplers.pop(),
+                                                       seeds=[r.seed for r in requests], noise=noise)):
                 for b, (w, x) in enumerate(zip(writers, inputs)):
                     if i < x.n_frames:
                         w.write(imgs[b])
@@ -268,12 +277,8 @@ class TalkingHead:
                         prepare_s=prepare_s, first_frame_at=t0 + lat[0] if lat else float("nan"),
                         prepare_stages=_sum_stages(x.stages for x in inputs))
 
-    def render(self, face: str | Path, audio: str | Path, out: str | Path, *, sampler: SamplerConfig | None = None,
-               seed: int = 0, crop: str = "auto", frame: int = 0, max_seconds: float | None = None,
-               allow_silence: bool = False, noise: torch.Tensor | NoiseFn | None = None, cuda_graph: bool | None = None,
+    def render(self, request: RenderRequest, *, noise: torch.Tensor | NoiseFn | None = None,
                on_frame=None) -> RunStats:
-        """Write ``out`` (H.264 + AAC, 25 fps): ``render_batch`` of this one video. Nothing exists at ``out``
-        unless the whole run succeeded."""
-        job = Job(face, audio, out, frame=frame, max_seconds=max_seconds, seed=seed)
-        return self.render_batch([job], sampler=sampler, crop=crop, allow_silence=allow_silence, noise=noise,
-                                 cuda_graph=cuda_graph, on_frame=on_frame)
+        """Write ``request.out`` (H.264 + AAC, 25 fps): ``render_batch`` of this one video. Nothing exists at
+        ``out`` unless the whole run succeeded."""
+        return self.render_batch([request], noise=noise, on_frame=on_frame)

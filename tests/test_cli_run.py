@@ -147,13 +147,15 @@ def _blocks(frames: np.ndarray, k: int = 8) -> np.ndarray:
 def test_render_batch_equals_each_video_rendered_alone(shared_data, engine, tmp_path):
     """Two videos of different lengths in one batch: the same frames as alone (same seed), each mp4 whole."""
     from dheads.engine.config import SamplerConfig
-    from dheads.engine.pipeline import Job, TalkingHead
+    from dheads.engine.pipeline import RenderRequest, TalkingHead
 
     head = TalkingHead.open(engine, device="cpu")
     wav = shared_data / "speech" / "cmu_arctic_a0007.wav"
-    jobs = [Job(shared_data / "faces" / "astronaut_512.png", wav, tmp_path / "a.mp4", max_seconds=0.8),
-            Job(shared_data / "grid" / "bbaf2n.mpg", wav, tmp_path / "b.mp4", max_seconds=0.48, seed=5)]
     sampler = SamplerConfig("ddpm", 3)
+    jobs = [RenderRequest(shared_data / "faces" / "astronaut_512.png", wav, tmp_path / "a.mp4", max_seconds=0.8,
+                          sampler=sampler, seed=1),
+            RenderRequest(shared_data / "grid" / "bbaf2n.mpg", wav, tmp_path / "b.mp4", max_seconds=0.48,
+                          sampler=sampler, seed=5)]
     inputs = [head.prepare(j.face, j.audio, max_seconds=j.max_seconds) for j in jobs]
     alone = [np.stack(list(head.frames(x, sampler=sampler, seed=seed))) for x, seed in zip(inputs, (1, 5))]
     assert [len(a) for a in alone] == [20, 12]
@@ -164,7 +166,7 @@ def test_render_batch_equals_each_video_rendered_alone(shared_data, engine, tmp_
         diff = np.abs(np.stack([f[b] for f in batched[: len(solo)]]).astype(int) - solo)
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # batched kernels: fp32 rounding only
 
-    stats = head.render_batch(jobs, sampler=sampler, seed=1)
+    stats = head.render_batch(jobs)
     assert stats.frames == 20  # batch steps: the longest video's frames
     for b, job in enumerate(jobs):
         with av.open(str(job.out)) as c:
@@ -197,16 +199,17 @@ def test_talking_head_runs_as_its_runtime_config_says(engine):
 
 def test_render_batch_failure_leaves_no_file(shared_data, engine, tmp_path):
     from dheads.engine.audio import AudioError
-    from dheads.engine.pipeline import Job, TalkingHead
+    from dheads.engine.pipeline import RenderRequest, TalkingHead
 
     head = TalkingHead.open(engine, device="cpu")
     silent = tmp_path / "silent.wav"
     sf.write(silent, np.zeros(16000, np.float32), 16000)
     face, wav = shared_data / "faces" / "astronaut_512.png", shared_data / "speech" / "cmu_arctic_a0007.wav"
     with pytest.raises(AudioError, match=r"silent\.wav: audio is silent"):
-        head.render_batch([Job(face, wav, tmp_path / "a.mp4"), Job(face, silent, tmp_path / "b.mp4")])
+        head.render_batch([RenderRequest(face, wav, tmp_path / "a.mp4"),
+                           RenderRequest(face, silent, tmp_path / "b.mp4")])
     with pytest.raises(ValueError, match="a different output path for each"):
-        head.render_batch([Job(face, wav, tmp_path / "a.mp4"), Job(face, wav, tmp_path / "a.mp4")])
+        head.render_batch([RenderRequest(face, wav, tmp_path / "a.mp4"), RenderRequest(face, wav, tmp_path / "a.mp4")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["silent.wav"]
 
 

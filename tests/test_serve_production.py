@@ -35,6 +35,7 @@ httpx = pytest.importorskip("httpx")
 websockets = pytest.importorskip("websockets")
 
 from dheads.engine.cli import _sampler_config
+from dheads.engine.pipeline import RenderRequest
 from dheads.serve.config import ServeConfig
 from dheads.serve.worker import EngineWorker
 
@@ -125,7 +126,7 @@ def test_default_sampling_is_dh_runs_in_library_render_and_stream(worker, url, w
     assert code == 1000 and msgs[0]["sampling"] == head.default_sampler.to_dict()
     assert frames.shape == library.shape == (7, 64, 64, 3) and np.array_equal(frames, library)
 
-    head.render(FACE, wav, tmp_path / "dh_run.mp4", sampler=cli_default, seed=3)
+    head.render(RenderRequest(FACE, wav, tmp_path / "dh_run.mp4", sampler=cli_default, seed=3))
     r = render(url, wav, {"seed": "3"})
     assert r.status_code == 200 and np.array_equal(decoded(r.content), decoded((tmp_path / "dh_run.mp4").read_bytes()))
 
