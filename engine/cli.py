@@ -109,17 +109,21 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float | None, seed
         raise typer.BadParameter(f"must be >= 0, got {frame}", param_hint="--frame")
 
 
-def _sampler_config(head, preset: str | None, **flags) -> SamplerConfig:
-    """The preset's (else the engine's) sampler, with the flags given over it (``SamplerConfig.override``, the
-    merge every front end uses); ``--steps`` must fit the model (``names.check_steps``)."""
+def _sampler_config(sampler: str | None, steps: int | None, eta: float | None, tables: str | None,
+                    warm_steps: int | None, preset: str | None, head, spacing: str | None = None,
+                    frame_noise: str | None = None) -> SamplerConfig:
+    """The preset's (else the engine's) sampler, with the flags given (not None) over it
+    (``SamplerConfig.override``, the merge every front end uses); ``--steps`` must fit the model
+    (``names.check_steps``)."""
     from .plan import preset_sampler
 
     diffusion = head.info.diffusion
     base = preset_sampler(preset, diffusion) if preset else head.default_sampler
-    if flags.get("steps") is not None:
-        _flag("--steps", names.check_steps, flags["steps"], diffusion.num_timesteps)
+    if steps is not None:
+        _flag("--steps", names.check_steps, steps, diffusion.num_timesteps)
     try:
-        return base.override(**flags)
+        return base.override(name=sampler, steps=steps, eta=eta, tables=tables, warm_steps=warm_steps,
+                             spacing=spacing, frame_noise=frame_noise)
     except ValueError as e:
         hint = "--preset/--sampler/--steps/--warm-steps/--tables/--spacing/--frame-noise"
         raise typer.BadParameter(str(e), param_hint=hint) from None
@@ -194,8 +198,7 @@ def run(
         head = TalkingHead.open(engine, runtime)
         open_s = time.perf_counter() - t_open
         raise_if_interrupted()
-        cfg = _sampler_config(head, preset, name=sampler, steps=steps, eta=eta, tables=tables,
-                              warm_steps=warm_steps, spacing=spacing, frame_noise=frame_noise)
+        cfg = _sampler_config(sampler, steps, eta, tables, warm_steps, preset, head, spacing, frame_noise)
         with _progress() as show:
             def on_frame(done: int, total: int) -> None:
                 raise_if_interrupted()

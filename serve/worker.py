@@ -35,7 +35,7 @@ from dheads.engine.errors import USER_ERRORS
 from dheads.engine.image import ImageTooLarge
 from dheads.engine.noise import MAX_SEED
 from dheads.engine.pipeline import TalkingHead
-from dheads.engine.plan import choose_sampler
+from dheads.engine.names import check_steps
 from dheads.engine.video import write_mp4
 
 from .config import ServeConfig
@@ -90,13 +90,14 @@ SAMPLING_FIELDS = ("sampler", "steps", "spacing", "frame_noise", "seed")
 def stream_options(head: TalkingHead, config: ServeConfig, *, steps=None, sampler=None, seed=None, spacing=None,
                    frame_noise=None) -> StreamOptions:
     """A client's fields over the engine's default sampling, merged as dh-run merges its flags
-    (``plan.choose_sampler``): a client that sends none gets exactly what dh-run makes. RequestError (400)."""
+    (``SamplerConfig.override``): a client that sends none gets exactly what dh-run makes. RequestError (400)."""
     steps = as_int("steps", steps, 1, config.max_steps)
     seed = as_int("seed", seed, 0, MAX_SEED) or 0
     try:
-        cfg = choose_sampler(head.info.diffusion, head.default_sampler, name=as_str("sampler", sampler), steps=steps,
-                             spacing=as_str("spacing", spacing, SPACINGS),
-                             frame_noise=as_str("frame_noise", frame_noise))
+        cfg = head.default_sampler.override(name=as_str("sampler", sampler), steps=steps,
+                                            spacing=as_str("spacing", spacing, SPACINGS),
+                                            frame_noise=as_str("frame_noise", frame_noise))
+        check_steps(cfg.steps, head.info.diffusion.num_timesteps)
     except RequestError:
         raise
     except ValueError as e:
