@@ -264,6 +264,62 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 
 
+def verify_file(bundle: str | os.PathLike, manifest: Manifest, name: str) -> Path:
+    """``bundle/name``, after checking it is the file the manifest records (``Manifest.files``): its size
+    first (a stat), then its sha256 (about 11 ms for the 11 MB demo; a verified hash is remembered by
+    (path, size, mtime), in this process and under the cache folder, so re-opening a bundle costs a stat).
+    BundleError (one line: the file, expected vs found) when it was replaced or damaged. A file the
+    manifest does not record (a plan built later, a bundle from before ``files``) is not checked."""
+    path = Path(bundle) / name
+    record = manifest.file(name)
+    if record is None:
+        return path
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({_first_line(e)})") from None
+    if st.st_size != record.bytes:
+        raise BundleError(f"{path}: {st.st_size} bytes, but the manifest records {record.bytes} bytes "
+                          f"(sha256 {record.sha256[:12]}); the file was replaced or damaged, re-export with dh-export")
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    if _verified_hash(key) != record.sha256:
+        digest = sha256_file(path)
+        if digest != record.sha256:
+            raise BundleError(f"{path}: sha256 {digest[:12]}, but the manifest records {record.sha256[:12]} (same "
+                              f"size, {st.st_size} bytes); the file was replaced or damaged, re-export with dh-export")
+        _remember_hash(key, digest)
+    return path
+
+
+_VERIFIED: dict[str, str] = {}  # (path, size, mtime) key -> sha256 verified in this process
+
+
+def _hash_cache_file(key: str) -> Path:
+    """Where a verified hash is remembered across processes: ``$DHEADS_CACHE/verified/<hash of the key>``
+    (else ``$XDG_CACHE_HOME/dheads``, else ``~/.cache/dheads``)."""
+    root = os.environ.get("DHEADS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dheads"
+    return Path(root) / "verified" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _verified_hash(key: str) -> str | None:
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    try:
+        return _hash_cache_file(key).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remember_hash(key: str, digest: str) -> None:
+    _VERIFIED[key] = digest
+    try:
+        cache = _hash_cache_file(key)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, digest + "\n")
+    except OSError:
+        pass  # a read-only home: verified again next time
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.base import example_inputs
+from .backends.base import example_inputs, unet_io_spec
 from .bundle import UNET_ONNX as ONNX_FILE
-from .bundle import BundleError, read_manifest
+from .bundle import BundleError, read_manifest, verify_file
 from .checkpoint import Checkpoint, CheckpointError, _first_line
 from .model import DiffusedHeadsUNet
 
@@ -110,6 +110,22 @@ def _parity(net: DiffusedHeadsUNet, onnx_path: Path) -> float:
     return float(np.abs(out - ref).max())
 
 
+def _check_shapes(onnx_path: Path, graph, model) -> None:
+    """CheckpointError unless the graph's inputs have the shapes the manifest's model config gives (the
+    batch axis aside): a manifest that lies about the image size is named as such, not met as a failed run."""
+    inputs, _ = unet_io_spec(model)
+    want = {spec.name: spec.shape for spec in inputs}
+    for arg in graph.input:
+        if arg.name not in want:
+            continue
+        got = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in arg.type.tensor_type.shape.dim]
+        expected = want[arg.name]
+        if len(got) != len(expected) or any(isinstance(g, int) and e >= 0 and g != e for g, e in zip(got, expected)):
+            raise CheckpointError(f"{onnx_path}: {arg.name} has shape {got} but the manifest's model config gives "
+                                  f"{list(expected)}; the manifest does not describe this ONNX, re-export with "
+                                  "dh-export")
+
+
 def checkpoint_from_bundle(path: str | Path) -> Checkpoint:
     """The checkpoint a ``dh-export`` bundle was made from (its EMA weights: what was exported), from ``unet.onnx``."""
     path = Path(path)
@@ -120,14 +136,27 @@ def checkpoint_from_bundle(path: str | Path) -> Checkpoint:
     onnx_path = path / ONNX_FILE
     if not onnx_path.is_file():
         raise CheckpointError(f"{path}: the bundle has no {ONNX_FILE}")
+    try:
+        verify_file(path, man, ONNX_FILE)
+    except BundleError as e:
+        raise CheckpointError(str(e)) from None
     onnx, numpy_helper = _onnx()
     try:
         graph = onnx.load(str(onnx_path)).graph
     except Exception as e:  # noqa: BLE001 - any failure is "unreadable" to the user
         raise CheckpointError(f"{onnx_path}: cannot be read as ONNX ({_first_line(e)})") from None
+    _check_shapes(onnx_path, graph, man.model)
     net = DiffusedHeadsUNet(man.model, man.diffusion).eval()
-    net.load_state_dict(_state_dict(net, graph, numpy_helper), strict=True)
-    err = _parity(net, onnx_path)
+    try:
+        net.load_state_dict(_state_dict(net, graph, numpy_helper), strict=True)
+    except RuntimeError as e:  # a weight of another shape
+        raise CheckpointError(f"{onnx_path}: its weights do not fit the manifest's model config "
+                              f"({_first_line(e)}); not a dh-export graph of this model") from None
+    try:
+        err = _parity(net, onnx_path)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        raise CheckpointError(f"{path}: ONNX Runtime cannot run {ONNX_FILE} on the manifest's inputs "
+                              f"({_first_line(e)}); not a dh-export graph of this model") from None
     if not err <= PARITY_ATOL:
         raise CheckpointError(f"{path}: the weights read back differ from ONNX Runtime by {err:.3g} "
                               f"(> {PARITY_ATOL:g}); not a dh-export graph of this model")

@@ -6,6 +6,7 @@ wrong chain, or a weight from the wrong initializer, changes the state_dict and 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import onnx
@@ -13,10 +14,18 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from dheads.engine.bundle import BundleFile, read_manifest, write_manifest
 from dheads.engine.checkpoint import CheckpointError, load_checkpoint
 from dheads.engine.plan import default_sampler
 
 from _small_bundle import small_export
+
+
+def _rerecord(bundle, name="unet.onnx"):
+    """Record an edited file's new size and sha256 in the manifest (as a deliberate re-export would)."""
+    man = read_manifest(bundle)
+    files = tuple(BundleFile.of(bundle, f.name) if f.name == name else f for f in man.files)
+    write_manifest(bundle, dataclasses.replace(man, files=files))
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +62,7 @@ def test_a_bundle_with_a_changed_norm_constant_reads_back_the_change(exported, t
     t = consts[mul.input[1]]
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
     onnx.save(model, str(copy / "unet.onnx"))
+    _rerecord(copy)
     back, original = load_checkpoint(copy), load_checkpoint(ckpt_path).weights(ema=True)
     norm_keys = [k for k in original if k.endswith(".weight") and original[k].dim() == 1
                  and not k.startswith(("time_embed", "audio_embed"))]
@@ -76,5 +86,11 @@ def test_bad_bundles_are_one_line(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     (broken / "unet.onnx").write_bytes(b"not onnx")
+    size = (bundle / "unet.onnx").stat().st_size
+    with pytest.raises(CheckpointError, match=rf"^.*broken/unet.onnx: 8 bytes, but the manifest records {size} bytes "
+                                              r"\(sha256 [0-9a-f]{12}\); the file was replaced or damaged, re-export "
+                                              r"with dh-export$"):
+        load_checkpoint(broken)
+    _rerecord(broken)  # the manifest agrees: the file itself is read, and is not ONNX
     with pytest.raises(CheckpointError, match=r"^.*broken/unet.onnx: cannot be read as ONNX \("):
         load_checkpoint(broken)

@@ -232,6 +232,7 @@ def _open_plan(plan: Path, manifest: Manifest, device: torch.device, precision: 
     import_tensorrt()  # a clear error before anything else when TensorRT is missing
     if device.type != "cuda":
         raise BackendError(f"{plan}: TensorRT plans run on CUDA, not {device}; pass device='cuda'")
+    verified(plan.parent, manifest, plan.name)
     built = manifest.tensorrt.precision if manifest.tensorrt else manifest.precision
     if precision != built:
         log.info("%s was built for %s; running it in %s (asked for %s)", plan.name, built, built, precision)
@@ -243,9 +244,20 @@ def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torc
     from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
     from .onnxruntime_ import OrtDenoiser
 
-    onnx = onnx or bundle_onnx(bundle, precision)
+    onnx = verified(bundle, manifest, (onnx or bundle_onnx(bundle, precision)).name)
     used = {UNET_ONNX_FP16: "fp16", UNET_ONNX_INT8: "int8"}.get(onnx.name, "fp32")
     return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
+
+
+def verified(bundle: Path, manifest: Manifest, name: str) -> Path:
+    """``bundle/name`` once it is checked to be the file the manifest records (size, then sha256:
+    ``bundle.verify_file``), before any backend runs it; BackendError (one line) when it was replaced."""
+    from ..bundle import BundleError, verify_file
+
+    try:
+        return verify_file(bundle, manifest, name)
+    except BundleError as e:
+        raise BackendError(str(e)) from None
 
 
 def bundle_onnx(bundle: Path, precision: str) -> Path:
@@ -266,7 +278,7 @@ def _open_openvino(onnx: Path | None, bundle: Path, manifest: Manifest, precisio
     """OpenVINO over the bundle's ONNX: fp32 and bf16 from ``unet.onnx``, int8 from ``unet_int8.onnx``."""
     from .openvino_ import OvDenoiser
 
-    onnx = onnx or bundle_onnx(bundle, precision)
+    onnx = verified(bundle, manifest, (onnx or bundle_onnx(bundle, precision)).name)
     return OvDenoiser(onnx, manifest.model, precision=precision, threads=threads), precision
 
 
