@@ -1,6 +1,7 @@
 """What every ``dh-*`` command shares: bad flags and interrupts end in one line on stderr, never a traceback.
 
-``@app.command(cls=OneLineErrors)`` makes a Typer command:
+``@app.command(cls=OneLineErrors)`` makes a Typer command (``typer.Typer(cls=OneLineErrorsGroup)`` a command
+with subcommands, such as ``dh-train``):
 
 * print a usage error (an unknown option, ``--steps abc``, a ``typer.BadParameter``) as
   ``<prog>: error: <message>`` and exit 2, instead of Typer's multi-line usage box;
@@ -17,7 +18,7 @@ import sys
 import threading
 
 from typer import Abort, BadParameter
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 # typer >= 0.2x carries its own copy of click, whose exceptions are not the click package's: take the
 # usage-error base class from typer's own BadParameter, whichever click that is.
@@ -55,8 +56,8 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-class OneLineErrors(TyperCommand):
-    """A TyperCommand whose usage errors and interrupts are one line on stderr (see the module doc)."""
+class _OneLine:
+    """The ``main`` of :class:`OneLineErrors` and :class:`OneLineErrorsGroup` (see the module doc)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         prog = prog_name or self.name or "dh"
@@ -68,7 +69,9 @@ class OneLineErrors(TyperCommand):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
         except UsageError as e:  # BadParameter, NoSuchOption, MissingParameter, ...
-            sys.stderr.write(f"{prog}: error: {one_line(e.format_message())}\n")
+            message = one_line(e.format_message())
+            if message:  # empty: a group called with no arguments, whose help Typer has just printed
+                sys.stderr.write(f"{prog}: error: {message}\n")
             code = 2
         except Interrupted as e:
             sys.stderr.write(f"{prog}: error: {e}\n")
@@ -82,3 +85,12 @@ class OneLineErrors(TyperCommand):
                     signal.signal(s, handler)
         sys.stderr.flush()
         sys.exit(code)
+
+
+class OneLineErrors(_OneLine, TyperCommand):
+    """A TyperCommand whose usage errors and interrupts are one line on stderr (see the module doc)."""
+
+
+class OneLineErrorsGroup(_OneLine, TyperGroup):
+    """The same for a command with subcommands (``typer.Typer(cls=OneLineErrorsGroup)``): an unknown
+    subcommand, or a usage error in any subcommand, is one line too."""

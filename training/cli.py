@@ -21,18 +21,21 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from dheads.engine.cli_errors import OneLineErrorsGroup
+
+app = typer.Typer(cls=OneLineErrorsGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Diffused Heads models: prepare data, fit, preview.")
 log = logging.getLogger("dheads.training")
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)])
 
 
 def _threads(threads: int) -> None:
@@ -103,10 +106,12 @@ def fit(
     data: Annotated[Path, typer.Option(help="a folder written by `dh-train prepare`")],
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, last.pt, metrics, samples")],
     config: Annotated[Optional[str], typer.Option(help="preset (crema, lrw, tiny) or a .toml file; "
-                                                       "default tiny, or the checkpoint's with --resume")] = None,
+                                                       "default tiny; a resumed run keeps its recorded one")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. --set optim.lr=1e-4 "
                                                                     "(repeatable)")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="auto (OUT/last.pt if present), or a checkpoint path")] = None,
+    resume: Annotated[str, typer.Option(help="auto: continue OUT/last.pt where present, as the run recorded it "
+                                             "(--set may change only its length and cadence, e.g. "
+                                             "train.steps); no: a fresh run; or a checkpoint path")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if "
                                                        "available)")] = None,
     until: Annotated[Optional[int], typer.Option(help="stop after this step (resume later)")] = None,
@@ -120,19 +125,24 @@ def fit(
 ) -> None:
     """Train (or resume) a model on prepared clips. Under torchrun, one process per GPU (DDP)."""
     _setup_logging(verbose)
-    _threads(threads)
-    from .config import TrainingConfig, apply_overrides, load_config
+    from .config import load_config, resumed_config
     from .train import fit as run_fit
     from .train import resolve_resume, saved_config
 
-    try:
+    try:  # the flags first: a bad one is one line, with nothing logged before it
         ckpt = resolve_resume(out, resume)
-        if config is None and ckpt is not None:
-            cfg = TrainingConfig.from_dict(apply_overrides(saved_config(ckpt), list(set_ or [])))
-        else:
-            cfg = load_config(config or "tiny", list(set_ or []))
+        given = load_config(config or "tiny", list(set_ or [])) if config is not None or ckpt is None else None
+        # a resumed run continues as it recorded itself; --config/--set may not quietly make it another run
+        recorded = saved_config(ckpt, required=given is None) if ckpt is not None else None
+        cfg = given if recorded is None else resumed_config(recorded, list(set_ or []), given=given, where=str(ckpt))
         if init is not None and not init.exists():  # a file, or a dh-export bundle folder
             raise FileNotFoundError(f"--init {init}: no such checkpoint")
+        if not data.is_dir():
+            raise FileNotFoundError(f"--data {data}: no such folder (make one with `dh-train prepare`)")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    _threads(threads)
+    try:
         result = run_fit(cfg, data, out, resume=ckpt, device=device, progress=progress, until=until, init=init)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))

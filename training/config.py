@@ -21,13 +21,19 @@ import dataclasses
 import importlib.resources
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dheads.engine import names
 from dheads.engine.config import DiffusionConfig, ModelConfig, _from_dict, _to_dict, default_groups, norm_groups_problem
 
 PRESETS = ("crema", "lrw", "tiny", "distill")
+# What a training step computes in (autocast): the engine's precisions but int8, which only an exported
+# engine runs (engine/names.py holds the names).
+TRAIN_PRECISIONS = tuple(p for p in names.PRECISIONS if p != "int8")
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class LoopConfig:
     batch_size: int = 10
     grad_accum: int = 1
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler; CUDA only)
+    precision: str = "fp32"  # TRAIN_PRECISIONS: fp32 | fp16 | bf16 (autocast; fp16 adds a GradScaler; CUDA only)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # step_*.pt files kept besides last.pt; 0 keeps all
     log_every: int = 10
@@ -135,12 +141,15 @@ class LoopConfig:
     sample_every: int = 0  # write a sample video every N steps; 0 disables
     sample_frames: int = 8
     sample_steps: int = 20
-    sample_sampler: str = "ddim"
+    sample_sampler: str = "ddim"  # any engine sampler (engine/names.py SAMPLERS)
 
     def __post_init__(self) -> None:
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        names.check_choice("train.precision", self.precision, TRAIN_PRECISIONS)
         _check_choice("train.log_backend", self.log_backend, ("csv", "tensorboard", "both"))
-        _check_choice("train.sample_sampler", self.sample_sampler, ("ddpm", "ddim"))
+        try:
+            names.check_sampler(self.sample_sampler)
+        except ValueError as e:
+            raise ValueError(f"train.sample_sampler: {e}") from None
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -205,16 +214,104 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: a string
 
 
+def _split(item: str) -> tuple[str, str, str]:
+    """``"section.key=value"`` -> ``(section, key, value text)``; ValueError for anything else."""
+    key, sep, value = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ValueError(f"override {item!r} is not of the form section.key=value")
+    return section, name.strip(), value.strip()
+
+
+def _field_type(section: str, name: str) -> Any:
+    """The annotated type of ``[section] name`` in :class:`TrainingConfig`, or None where there is none
+    (an unknown section or key, which ``TrainingConfig.from_dict`` refuses with its own message)."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(TrainingConfig)}
+    if section not in sections:
+        return None
+    return typing.get_type_hints(sections[section]).get(name)
+
+
+def _type_problem(tp: Any, value: Any) -> str | None:
+    """What ``value`` (parsed TOML) should have been to fit type ``tp``, or None when it fits."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        problems = [_type_problem(a, value) for a in options]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            return "a list, e.g. [1, 2]"
+        fixed = origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
+        if fixed and len(value) != len(args):
+            return f"a list of {len(args)} values"
+        elem = args if fixed else (args[:1] * len(value))
+        for a, v in zip(elem, value):
+            problem = _type_problem(a, v)
+            if problem:
+                return f"a list of {problem.removeprefix('a ').removeprefix('an ')}s" if not fixed else \
+                    f"a list of {len(args)} values, each {problem}"
+        return None
+    if origin is dict or tp is dict:
+        return None if isinstance(value, dict) else "a table, e.g. {a = 1}"
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to a config dict (a new dict is returned)."""
+    """Apply ``section.key=value`` strings to a config dict (a new dict is returned). Each value must fit
+    its field's type (``--set optim.lr=abc`` is refused here, with the key, the value and the type)."""
     out = {k: dict(v) for k, v in data.items()}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        out.setdefault(section, {})[name] = _parse_value(value.strip())
+        section, name, text = _split(item)
+        value = _parse_value(text)
+        tp = _field_type(section, name)
+        problem = _type_problem(tp, value) if tp is not None else None
+        if problem:
+            raise ValueError(f"--set {section}.{name}={text}: {section}.{name} takes {problem}, got {value!r}")
+        out.setdefault(section, {})[name] = value
     return out
+
+
+# What a resumed run may change (``--set`` on resume): how long it runs and how often it writes, never what
+# it learns (model, diffusion, data, loss, optimiser, batch, seed, precision).
+RESUME_KEYS = frozenset({"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                         "train.log_backend", "train.sample_every", "train.sample_frames", "train.sample_steps",
+                         "train.sample_sampler", "data.num_workers", "data.cache"})
+
+
+def _flat(cfg: TrainingConfig) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
+
+
+def resumed_config(recorded: dict[str, Any], overrides: list[str] | None = None, *,
+                   given: TrainingConfig | None = None, where: str = "the run") -> TrainingConfig:
+    """The config a resumed run continues with: the one it recorded (``recorded``, the checkpoint's), so a
+    resume never silently becomes another run. ``overrides`` (``--set``) may change the ``RESUME_KEYS``
+    (e.g. ``train.steps``, to lengthen the run; the change is recorded); ``given`` (a ``--config`` named on
+    resume, its ``--set`` applied) must otherwise be the recorded config. ValueError (one line) naming
+    each key that would change otherwise."""
+    base = TrainingConfig.from_dict(recorded)
+    target = given if given is not None else TrainingConfig.from_dict(apply_overrides(recorded, list(overrides or [])))
+    named = {f"{section}.{name}" for section, name, _ in map(_split, overrides or [])}
+    old, new = _flat(base), _flat(target)
+    refused = [k for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and not (k in RESUME_KEYS and k in named)]
+    if refused:
+        flag = "--config" if given is not None else "--set"
+        shown = ", ".join(f"{k} = {_toml_value(old.get(k))} recorded, {_toml_value(new.get(k))} given" for k in refused)
+        raise ValueError(f"resuming {where}: {flag} changes its recorded config ({shown}); a resumed run keeps "
+                         f"the config it was started with (--set may change only {', '.join(sorted(RESUME_KEYS))}): "
+                         "drop the flag, or start a new run with another --out")
+    return target
 
 
 def load_config(source: str | os.PathLike, overrides: list[str] | None = None) -> TrainingConfig:

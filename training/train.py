@@ -630,7 +630,8 @@ def fit(cfg: TrainingConfig, data: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def resolve_resume(out: str | os.PathLike, resume: str | None) -> Path | None:
-    """``None``/``"no"``: a fresh run; ``"auto"``: ``out/last.pt`` if it exists; else a path."""
+    """``None``/``"no"``: a fresh run; ``"auto"`` (``dh-train fit``'s default): ``out/last.pt`` if it exists;
+    else a path."""
     if resume in (None, "", "no"):
         return None
     if resume == "auto":
@@ -642,10 +643,14 @@ def resolve_resume(out: str | os.PathLike, resume: str | None) -> Path | None:
     return p
 
 
-def saved_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The training config stored in a checkpoint's training state (for ``--resume`` without ``--config``)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = (obj.get("extra") or {}).get("training_config")
-    if cfg is None:
+def saved_config(path: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
+    """The training config stored in a checkpoint's training state (what a resumed run continues with);
+    None where there is none and not ``required``, else ValueError."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure is "unreadable" to the user
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({str(e).strip().splitlines()[0][:200]})") from None
+    cfg = (obj.get("extra") or {}).get("training_config") if isinstance(obj, dict) else None
+    if cfg is None and required:
         raise ValueError(f"{path}: no training config inside; pass --config")
     return cfg
