@@ -36,6 +36,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"^make test$", "skip", "the test suite itself"),
     (r"^make gpu-check$", "skip", "needs a CUDA GPU"),
     (r"^pip install ", "skip", "installs packages from the registry"),
+    (r"^dh-run engine/assets/examples/face\.png engine/assets/examples/speech\.wav -o out\.mp4$", "skip",
+     "the quickstart's own dh-run: CI runs it whole (.ci/quickstart), tests/test_demo.py with -m slow"),
     (r"^dh-run engine/assets/examples/face\.png engine/assets/examples/speech\.wav (?!.*--engine)(?!.*--device cuda)",
      "run", "dh-run on the shipped example with the demo model"),
     (r"^dh-eval fast\.mp4 ", "run", "dh-eval on the video the README's dh-run line makes"),
