@@ -163,3 +163,13 @@ def test_a_different_seed_changes_the_frames(head, speech):
     assert not np.array_equal(a, b)
     torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(np.stack(list(
         head.frames(inputs, sampler=sampler, seed=SEED)))), rtol=0, atol=0)
+
+
+def test_a_batch_runs_one_sampler(head, speech, tmp_path):
+    """render_batch makes every video with one loop: requests that ask for different samplers are refused
+    before anything is prepared or written."""
+    a = RenderRequest(FACE, speech, tmp_path / "a.mp4", sampler=_sampler(head, CHOICES["ddpm3"]))
+    b = RenderRequest(FACE, speech, tmp_path / "b.mp4")  # the engine's default sampler
+    with pytest.raises(ValueError, match="render_batch runs one sampler for all its videos, got 2 different ones"):
+        head.render_batch([a, b])
+    assert list(tmp_path.iterdir()) == []
