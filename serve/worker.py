@@ -5,7 +5,8 @@ The batching thread admits waiting sessions at frame boundaries (at most ``max_s
 session's own :class:`Stream`, so a frame cannot reach another client) and drops finished or cancelled
 streams at the next boundary. Preparation (face decode + crop, audio decode + encode) runs in a worker
 process of its own (``prep.py``), driven from one separate thread so it never stalls the batch: a native
-crash there fails that one request (500 / close 1011) and a fresh worker takes the next. Nothing here imports a web framework; ``app.py`` drives it from asyncio.
+crash there fails that one request (500 / close 1011) and a fresh worker takes the next. Nothing here
+imports a web framework; ``app.py`` drives it from asyncio.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from dheads.engine.pipeline import TalkingHead
 from dheads.engine.names import check_steps
 from dheads.engine.video import write_mp4
 
-from .config import ServeConfig
 from . import prep as prep_fns
+from .config import ServeConfig
 from .metrics import Metrics
 from .prep import PrepCrashed, PrepPool, Silent, TooLong
 from .protocol import as_int, as_str
