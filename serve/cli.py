@@ -49,6 +49,8 @@ def serve(
                                                    "and audio messages"),
     idle_timeout: float = typer.Option(30.0, help="seconds a PCM stream may go without sending audio"),
     max_stream_seconds: float = typer.Option(600.0, help="longest a render or stream may take, start to end"),
+    prep_timeout: float = typer.Option(60.0, help="seconds one upload's preparation (face crop, audio decode + "
+                                                  "encode) may take in the worker process before it is killed"),
     video_dir: str = typer.Option(None, help="folder for finished videos (/v1/videos/{id}); share it between "
                                              "replicas so any of them serves any link. Default: a private temp folder"),
     drain_seconds: float = typer.Option(5.0, help="on SIGTERM, seconds /healthz answers 503 while open streams "
@@ -69,7 +71,8 @@ def serve(
                              allow_origins=tuple(allow_origin) if allow_origin else None, threads=threads,
                              max_upload_bytes=int(max_upload_mb * (1 << 20)), max_audio_seconds=max_audio_seconds,
                              start_timeout_s=start_timeout, idle_timeout_s=idle_timeout,
-                             max_stream_seconds=max_stream_seconds, drain_s=drain_seconds, video_dir=video_dir)
+                             max_stream_seconds=max_stream_seconds, prep_timeout_s=prep_timeout,
+                             drain_s=drain_seconds, video_dir=video_dir)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -22,6 +22,8 @@ class ServeConfig:
     PCM chunks; ``max_stream_seconds``: the longest a render or stream may take, start to end.
     ``video_dir``: where finished videos are kept (the last ``keep_videos``); None: a private temp folder.
     Replicas that share one (a shared filesystem) serve each other's ``/v1/videos/{id}`` links.
+    ``prep_timeout_s``: the longest one request's preparation (face or audio) may take in the preparation
+    worker process before it is killed and replaced (the request gets a 500).
     ``drain_s``: after SIGTERM, how long /healthz answers 503 while open streams finish (then they are ended
     with a JSON 503 / close 1012).
     """
@@ -46,6 +48,7 @@ class ServeConfig:
     max_stream_seconds: float = 600.0
     drain_s: float = 5.0
     ticket_ttl_s: float = 30.0
+    prep_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -54,7 +57,8 @@ class ServeConfig:
             raise ValueError("--max-queue and --max-connections must be at least 1")
         if self.max_audio_seconds <= 0 or self.max_upload_bytes <= 0:
             raise ValueError("upload limits must be positive")
-        if min(self.start_timeout_s, self.idle_timeout_s, self.max_stream_seconds) <= 0 or self.drain_s < 0:
+        if min(self.start_timeout_s, self.idle_timeout_s, self.max_stream_seconds, self.prep_timeout_s) <= 0 \
+                or self.drain_s < 0:
             raise ValueError("timeouts must be positive (--drain-seconds may be 0)")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")

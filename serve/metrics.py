@@ -22,8 +22,8 @@ class Metrics:
         self.preparing = Gauge("dh_streams_preparing", "of those, streams still uploading or being prepared",
                                registry=r)
         self.streams = Counter("dh_streams", "streams started, by how they ended", ["result"], registry=r)
-        self.prep_crashes = Counter("dh_prep_crashes", "preparation worker processes that died on a request "
-                                    "(each replaced by a fresh one)", registry=r)
+        self.prep_crashes = Counter("dh_prep_crashes", "preparation worker processes that died on a request or "
+                                    "were killed past --prep-timeout (each replaced by a fresh one)", registry=r)
         self.frames = Counter("dh_frames", "frames made, all streams", registry=r)
         self.unet_calls = Counter("dh_unet_calls", "batched denoiser calls", registry=r)
         self.fps = Gauge("dh_frames_per_second", f"frames made per second over the last {FPS_WINDOW_S:g} s",

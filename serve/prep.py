@@ -27,8 +27,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Test hook, for the tests only: "<SIGNAL>:<marker>" makes a worker kill itself with SIGNAL (SEGV, KILL, ABRT)
-# when the file it is asked to prepare contains the bytes <marker>: a stand-in for a native crash.
+# Test hook, for the tests only: "<SIGNAL>:<marker>[,<SIGNAL>:<marker>...]" makes a worker signal itself with
+# SIGNAL (SEGV, KILL, ABRT; STOP: it hangs) when the file it is asked to prepare contains the bytes <marker>: a
+# stand-in for a native crash, the OOM killer or a decoder caught in a loop.
 TEST_CRASH_HOOK = "DHEADS_TEST_HOOK_PREP_CRASH"
 
 
@@ -38,6 +39,15 @@ class PrepCrashed(RuntimeError):
     def __init__(self, what: str, how: str):
         super().__init__(f"preparing the {what} crashed its worker process ({how})")
         self.what, self.how = what, how
+
+
+class PrepTimedOut(RuntimeError):
+    """The worker process took too long on a request; it was killed."""
+
+    def __init__(self, what: str, seconds: float):
+        super().__init__(f"preparing the {what} took over {seconds:g} s (dh-serve --prep-timeout); its worker "
+                         "process was stopped")
+        self.what, self.seconds = what, seconds
 
 
 class TooLong(ValueError):
@@ -72,12 +82,13 @@ def _init(open_engine: bool, engine: str | None, threads: int | None) -> None:
 
 def _test_hook(path: str) -> None:
     spec = os.environ.get(TEST_CRASH_HOOK)
-    if not spec or ":" not in spec:
+    if not spec:
         return
-    name, marker = spec.split(":", 1)
-    if marker.encode() in Path(path).read_bytes():
-        log.warning("test hook %s: this worker kills itself with SIG%s", TEST_CRASH_HOOK, name)
-        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+    data = Path(path).read_bytes()
+    for name, _, marker in (part.partition(":") for part in spec.split(",")):
+        if marker and marker.encode() in data:
+            log.warning("test hook %s: this worker signals itself SIG%s", TEST_CRASH_HOOK, name)
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 def _ready() -> int:
@@ -120,51 +131,72 @@ def encode(samples: np.ndarray) -> np.ndarray:
 # --- in the server ---------------------------------------------------------------------------------------
 class PrepPool:
     """One warm worker process (``spawn``: no fork of a threaded server), called one request at a time from
-    the server's prep thread; a worker that dies is replaced, and the call that killed it is PrepCrashed."""
+    the server's prep thread. A worker that dies is replaced (the call that killed it is PrepCrashed); one that
+    takes over ``timeout_s`` on a call (a decoder caught in a loop, a stopped process) is killed and replaced
+    (PrepTimedOut). A replacement starts at once and warms up before the next call, whose time limit starts
+    only then."""
 
-    def __init__(self, engine: str | None = None, threads: int | None = None, *, encodes: bool = True):
+    def __init__(self, engine: str | None = None, threads: int | None = None, *, encodes: bool = True,
+                 timeout_s: float | None = None):
         """``encodes``: the worker opens ``engine`` (None: the demo) and runs its audio encoder; else it only
-        decodes and crops."""
-        self.engine, self.threads, self.encodes = engine, threads, encodes
+        decodes and crops. ``timeout_s``: the longest one call may take (None: no limit)."""
+        self.engine, self.threads, self.encodes, self.timeout_s = engine, threads, encodes, timeout_s
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warm: concurrent.futures.Future | None = None  # the new worker's start-up
         self.restarts = 0
         self.closed = False
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
+    def _new_pool(self) -> None:
+        self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
             initargs=(self.encodes, self.engine, self.threads))
+        self._warm = self._pool.submit(_ready)
 
     def start(self, wait: bool = True) -> None:
-        """Start the worker (it opens the engine); ``wait``: until it answers."""
+        """Start the worker (it imports the readers and opens the engine); ``wait``: until it answers."""
         with self._lock:
             if self._pool is None:
-                self._pool = self._new_pool()
-            fut = self._pool.submit(_ready)
-        if wait:
-            log.info("preparation worker ready (pid %d)", fut.result())
+                self._new_pool()
+            warm = self._warm
+        if wait and warm is not None:
+            log.info("preparation worker ready (pid %d)", warm.result())
 
     def call(self, what: str, fn, *args):
-        """``fn(*args)`` in the worker; its exceptions are raised here. PrepCrashed when the worker died."""
+        """``fn(*args)`` in the worker; its exceptions are raised here. PrepCrashed when the worker died,
+        PrepTimedOut when it took over ``timeout_s`` (it is killed)."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("preparation pool is closed")
             if self._pool is None:
-                self._pool = self._new_pool()
-            pool = self._pool
-            procs = []
+                self._new_pool()
+            pool, procs = self._pool, []
             try:
+                if self._warm is not None:  # a new worker's start-up does not count in the call's time
+                    self._warm.result()
+                    self._warm = None
+                procs = list((getattr(pool, "_processes", None) or {}).values())  # warm: to learn how one ends
                 fut = pool.submit(fn, *args)
-                procs = list((getattr(pool, "_processes", None) or {}).values())  # to learn how one died
-                return fut.result()
+                return fut.result(timeout=self.timeout_s)
             except concurrent.futures.process.BrokenProcessPool:
                 how = _exit_reason(procs)
                 log.error("preparation worker died preparing a %s (%s); starting a new one", what, how)
-                pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None if self.closed else self._new_pool()
-                self.restarts += 1
+                self._replace(pool)
                 raise PrepCrashed(what, how) from None
+            except TimeoutError:
+                log.error("preparation worker took over %g s preparing a %s; killed, starting a new one",
+                          self.timeout_s, what)
+                for p in procs:
+                    p.kill()
+                self._replace(pool)
+                raise PrepTimedOut(what, self.timeout_s) from None
+
+    def _replace(self, pool) -> None:
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._warm = None
+        self.restarts += 1
+        if not self.closed:
+            self._new_pool()
 
     def pids(self) -> list[int]:
         pool = self._pool
@@ -193,4 +225,4 @@ def _exit_reason(procs) -> str:
     return "it exited"
 
 
-__all__ = ["PrepCrashed", "PrepPool", "Silent", "TEST_CRASH_HOOK", "TooLong", "encode", "face", "speech"]
+__all__ = ["PrepCrashed", "PrepPool", "PrepTimedOut", "Silent", "TEST_CRASH_HOOK", "TooLong", "encode", "face", "speech"]

@@ -42,7 +42,7 @@ from dheads.engine.video import write_mp4
 from . import prep as prep_fns
 from .config import ServeConfig
 from .metrics import Metrics
-from .prep import PrepCrashed, PrepPool, Silent, TooLong
+from .prep import PrepCrashed, PrepPool, PrepTimedOut, Silent, TooLong
 from .protocol import as_int, as_str
 from .uploads import LimitError, RequestError, Upload, remove_stale, temp_prefix
 
@@ -185,7 +185,8 @@ class EngineWorker:
         self.config = config
         self.head = head
         self._own_prep = prep is None
-        self.prep = prep if prep is not None else PrepPool(config.engine, config.threads, encodes=head is None)
+        self.prep = prep if prep is not None else PrepPool(config.engine, config.threads, encodes=head is None,
+                                                         timeout_s=config.prep_timeout_s)
         self.metrics = Metrics()
         self.batcher: Batcher | None = None
         self._prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dh-prep")
@@ -320,7 +321,7 @@ class EngineWorker:
     def _call_prep(self, what: str, fn, *args):
         try:
             return self.prep.call(what, fn, *args)
-        except PrepCrashed as e:
+        except (PrepCrashed, PrepTimedOut) as e:
             self.metrics.prep_crashes.inc()
             raise ClientError(f"server error: {e}; the server goes on (report the file if it is an ordinary "
                               f"{what})", 500) from None

@@ -627,29 +627,36 @@ def test_a_native_crash_in_preparation_fails_that_request_and_the_server_goes_on
     from dheads.serve.prep import TEST_CRASH_HOOK
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the server's upload folders land here
-    monkeypatch.setenv(TEST_CRASH_HOOK, "SEGV:DH-CRASH-ME")  # the test hook: a marked file kills the prep worker
-    cfg = dataclasses.replace(worker.config, port=free_port())
+    # the test hook: a file marked DH-SEGV / DH-KILL (as the OOM killer ends a process) / DH-STOP (a hang) makes
+    # the prep worker signal itself so
+    monkeypatch.setenv(TEST_CRASH_HOOK, "SEGV:DH-SEGV,KILL:DH-KILL,STOP:DH-STOP")
+    cfg = dataclasses.replace(worker.config, port=free_port(), prep_timeout_s=5.0)
     w = EngineWorker(cfg, head=worker.head)  # a pool of its own, started with the hook in its environment
     w.start()
-    marked = FACE.read_bytes() + b"DH-CRASH-ME"  # bytes after a PNG's end: a decoder would never look
     crashed = ("server error: preparing the {} crashed its worker process ({}); the server goes on (report the file "
                "if it is an ordinary {})")
     try:
         with serving(w, cfg) as (u, _):
             before = w.prep.pids()
-            r = render(u, wav, face=marked)
+            r = render(u, wav, face=FACE.read_bytes() + b"DH-SEGV")  # bytes after a PNG's end: no decoder looks
             assert (r.status_code, r.json()) == (500, {"error": crashed.format("face", "SIGSEGV", "face")})
             r = render(u, wav)  # the next request: a fresh worker prepares it
             assert r.status_code == 200 and len(decoded(r.content)) == int(r.headers["X-Frames"]) == 7
             assert w.prep.pids() and w.prep.pids() != before
-            msgs, _, code = asyncio.run(exchange(u, [start_msg(), marked, wav.read_bytes()]))
+            msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes() + b"DH-SEGV", wav.read_bytes()]))
             assert (msgs, code) == ([{"type": "error", "error": crashed.format("face", "SIGSEGV", "face")}], 1011)
-            monkeypatch.setenv(TEST_CRASH_HOOK, "KILL:DH-CRASH-ME")  # as the OOM killer ends a process
-            msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes() + b"DH-CRASH-ME"]))
+            msgs, _, code = asyncio.run(exchange(u, [start_msg(), FACE.read_bytes(), wav.read_bytes() + b"DH-KILL"]))
             assert (msgs, code) == ([{"type": "error", "error": crashed.format("audio", "SIGKILL", "audio")}], 1011)
+            t0 = time.monotonic()
+            r = render(u, wav, face=FACE.read_bytes() + b"DH-STOP")  # a worker that hangs is killed at the limit
+            assert (r.status_code, r.json()) == (500, {"error": "server error: preparing the face took over 5 s "
+                                                                "(dh-serve --prep-timeout); its worker process was "
+                                                                "stopped; the server goes on (report the file if it "
+                                                                "is an ordinary face)"})
+            assert 5 <= time.monotonic() - t0 < 30
             msgs, frames, code = stream(u, wav)
             assert code == 1000 and msgs[-1] == {"type": "done", "frames": 7} and len(frames) == 7
-            assert metric(w, "dh_prep_crashes_total") == 3 and w.prep.restarts == 3
+            assert metric(w, "dh_prep_crashes_total") == 4 and w.prep.restarts == 4
             assert httpx.get(u + "/healthz").json()["status"] == "ok"
         assert [p.name for p in tmp_path.iterdir()] == [w.video_dir.name]  # no upload folder left behind
     finally:
