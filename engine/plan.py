@@ -26,7 +26,7 @@ def default_sampler(diffusion: DiffusionConfig) -> SamplerConfig:
 
 
 # Named sampler choices (their names: engine/names.py PRESETS). "quality": the artifact's own default.
-# "realtime": chosen from the frontier of the demo model (benchmarks/results/frontier_demo.md, README "Quality
+# "realtime": chosen from the frontier of the demo model (benchmarks/results/frontier_demo.md, docs/benchmarks.md "Quality
 # vs calls per frame"): no row under 100 calls matched DDPM-100 within its seed spread; DPM-Solver++(2M) SDE at
 # 10 calls came closest to the demo's default (DDPM 25: F-MSE 49.8 vs 42.7, OFM 0.21 vs 0.19) at 40% of its
 # calls. Warm starts scored better F-MSE but grow visible streaks over seconds, which the metrics miss.

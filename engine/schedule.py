@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .names import check_steps
+
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
@@ -120,8 +122,7 @@ def respaced_timesteps(num_timesteps: int, n: int) -> list[int]:
     0, 10, 20, ..., 989, 999 for n = 100. Not ``round(k * stride)``: the accumulated float sum differs
     from the product by one timestep for 278 of the counts 2..1000 (n = 21, k = 10: 499, not 500).
     """
-    if not 1 <= n <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {n}")
+    check_steps(n, num_timesteps)
     if n == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (n - 1)
@@ -142,8 +143,7 @@ def karras_timesteps(schedule: Schedule, n: int, rho: float = 7.0) -> list[int]:
     ascending and distinct. Without the cap, rho = 7 would put most steps at t > 980 on the cosine schedule,
     where x_t is noise either way. Denser at low noise than the authors' uniform rule."""
     t_max = len(schedule) - 1
-    if not 1 <= n <= len(schedule):
-        raise ValueError(f"steps must be in 1..{len(schedule)}, got {n}")
+    check_steps(n, len(schedule))
     if n <= 2:
         return [0, t_max][2 - n:]
     log_sigma = np.log(schedule.sqrt_recipm1_alphas_cumprod)  # increasing in t
@@ -165,10 +165,9 @@ def trailing_timesteps(schedule: Schedule, n: int) -> list[int]:
     The authors' uniform rule ends on t = 0, where x is already clean (sigma/alpha = 0.006 on the cosine
     schedule): that step's UNet call changes nothing, and the step before it has to jump from T/(n-1) to 0.
     Trailing steps end at T/n - 1 instead, so every call denoises; the last one's x0 is the frame. At 4
-    steps on the demo model: F-MSE 22.9 against uniform's 161.8 (README, "Sampling", step placement)."""
+    steps on the demo model: F-MSE 22.9 against uniform's 161.8 (docs/running.md, "Sampling")."""
     t = len(schedule)
-    if not 1 <= n <= t:
-        raise ValueError(f"steps must be in 1..{t}, got {n}")
+    check_steps(n, t)
     # their arange, rounding ties as it does (n = 48: 187.4999 -> 186), but only its first n values: its float
     # stop can yield an (n+1)-th near 0 (n = 61: -1)
     return sorted(int(v) - 1 for v in np.round(np.arange(t, 0, -t / n))[:n])

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dheads.engine.backends.base import (PRECISIONS, UNET_INPUTS, UNET_OUTPUTS, BatchProfile, example_inputs,
+from dheads.engine.backends.base import (UNET_INPUTS, UNET_OUTPUTS, BatchProfile, example_inputs,
                                          precision_dtype, unet_io_spec)
 from dheads.engine.config import ModelConfig
 from dheads.engine.model import DiffusedHeadsUNet
+from dheads.engine.names import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def export_unet_onnx(model: DiffusedHeadsUNet, path: str | os.PathLike, *, preci
     and output is the dynamic dimension ``batch`` (traced at batch 2, valid for the whole profile).
     """
     path = Path(path)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+    check_precision(precision, ("fp32", "fp16"))  # int8 is quantised from the fp32 graph (export/quantize.py)
     cfg = model.config
     dtype = precision_dtype(precision)
     wrapper = UNetForExport(_copy_in(model, dtype), dtype).eval()

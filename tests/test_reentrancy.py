@@ -56,7 +56,7 @@ print(hashlib.sha256(x.audio_emb.numpy().tobytes()).hexdigest(), hashlib.sha256(
 
 def test_same_seed_same_video_across_processes_and_thread_counts():
     """The demo (ONNX Runtime + Whisper on CTranslate2) in two processes, 1 and 2 threads: the same
-    features and the same frames, bit for bit (the README's seed promise)."""
+    features and the same frames, bit for bit (the seed promise in docs/running.md)."""
     import subprocess
     import sys
 

@@ -60,5 +60,5 @@ def test_schedule_is_immutable():
 
 
 def test_respace_rejects_bad_steps():
-    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+    with pytest.raises(ValueError, match="^steps must be at least 1, got 0$"):
         respaced_timesteps(1000, 0)

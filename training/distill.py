@@ -74,7 +74,7 @@ import torch.distributed as dist
 
 from dheads.engine.bundle import UNET_ONNX, sha256_file
 from dheads.engine.checkpoint import Checkpoint, load_checkpoint
-from dheads.engine.config import SPACINGS as SCHEDULE_SPACINGS
+from dheads.engine.names import check_choice, SPACINGS as SCHEDULE_SPACINGS
 from dheads.engine.config import DiffusionConfig
 from dheads.engine.plan import make_plan
 from dheads.engine.schedule import SPACINGS as SPACING_FNS
@@ -125,8 +125,7 @@ class DistillConfig:
             raise ValueError("--dmd-weight, --regression-weight and --fake-lr must be >= 0")
         if self.teacher_substeps not in (2, 4, 8):
             raise ValueError(f"--teacher-substeps must be 2, 4 or 8, got {self.teacher_substeps}")
-        if self.spacing not in SCHEDULE_SPACINGS:
-            raise ValueError(f"--spacing must be one of {', '.join(SCHEDULE_SPACINGS)}, got {self.spacing!r}")
+        check_choice("--spacing", self.spacing, SCHEDULE_SPACINGS)
         if self.teacher_grid not in ("refined", "own"):
             raise ValueError(f"--teacher-grid must be refined or own, got {self.teacher_grid!r}")
 
