@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
-from .backends.base import PRECISIONS, BatchProfile, TensorSpec
+from .backends.specs import BatchProfile, TensorSpec
 from .config import AudioConfig, DiffusionConfig, ModelConfig
+from .names import PRECISIONS
 
 FORMAT = "dheads-bundle"
 VERSION = 1

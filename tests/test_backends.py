@@ -89,6 +89,7 @@ def test_auto_device_runs_a_bundle_on_cpu_when_onnxruntime_has_no_cuda(bundle, r
     """On a GPU machine with plain onnxruntime (no CUDA provider), device='auto' must not fail: it uses the CPU.
     An explicit device='cuda' still says what to install. (Here the GPU is pretended.)"""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # open_denoiser resolves cuda to cuda:N
     den, info = open_denoiser(bundle, device="auto")
     assert den.name == "onnxruntime" and den.device == torch.device("cpu")
     assert_agrees(den, reference)

@@ -3,10 +3,14 @@
 ``open_denoiser(path)`` picks the backend from what ``path`` is; ``backend=`` overrides it where the
 artifact allows (a bundle runs with onnxruntime, openvino or tensorrt; a checkpoint only with pytorch).
 Heavy libraries (onnxruntime, openvino, tensorrt) are imported only when their backend is opened.
+
+Each backend module has ``accepts(artifact)`` and ``open(artifact, runtime)`` (``artifact.py``: what the path
+is, recognised once here; how to run it, the device resolved once here). The registry below names them.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,14 +21,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import AudioConfig, DiffusionConfig, ModelConfig
+from .artifact import Artifact, Runtime
 from .base import (PRECISIONS, BackendError, BatchProfile, Denoiser, TensorSpec, check_precision, example_inputs,
-                   precision_dtype, unet_io_spec)
+                   precision_dtype, resolve_device, unet_io_spec)
 
 if TYPE_CHECKING:
     from ..bundle import Manifest
 
-__all__ = ["BACKENDS", "BACKEND_PRECISIONS", "PRECISIONS", "BackendError", "BatchProfile", "Denoiser", "EngineInfo", "TensorSpec",
-           "example_inputs", "open_denoiser", "pick_device", "precision_dtype", "torch_denoiser", "unet_io_spec"]
+__all__ = ["BACKENDS", "BACKEND_PRECISIONS", "PRECISIONS", "Artifact", "BackendError", "BatchProfile", "Denoiser",
+           "EngineInfo", "Runtime", "TensorSpec", "example_inputs", "exported_backend", "open_denoiser", "pick_device",
+           "precision_dtype", "torch_denoiser", "unet_io_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +91,7 @@ def open_denoiser(path: str | os.PathLike, *, backend: str | None = None, device
         raise BackendError(f"the {backend} backend runs {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}"
                            + ("; use --backend openvino" if precision == "bf16" else ""))
     auto = str(device) == "auto"
-    device = pick_device("auto") if auto else torch.device(device)
+    device = resolve_device(pick_device("auto") if auto else device)  # decided here, once
     if not path.exists():
         raise BackendError(f"{path}: no such file or directory")
     kind = _artifact_kind(path)
@@ -141,6 +147,7 @@ def torch_denoiser(backend: str, model, *, device: torch.device | str = "cpu", p
 def _open_checkpoint(path: Path, backend: str | None, device: torch.device, precision: str,
                      model_config: ModelConfig | None) -> tuple[Denoiser, EngineInfo]:
     from ..checkpoint import CheckpointError, load_checkpoint
+    from . import pytorch
 
     backend = backend or "pytorch"
     if backend not in TORCH_BACKENDS:
@@ -151,17 +158,26 @@ def _open_checkpoint(path: Path, backend: str | None, device: torch.device, prec
     except CheckpointError as e:
         raise BackendError(f"{e}; or pass a .plan, .onnx or export bundle") from None
     _check_model(path, ckpt.model, model_config)
-    den = torch_denoiser(backend, ckpt.build(), device=device, precision=precision)
+    den, _ = pytorch.open(Artifact(path, "checkpoint", checkpoint=ckpt), Runtime(device, precision),
+                          compiled=backend == "torch-compile")
     info = EngineInfo(model=ckpt.model, audio=ckpt.audio, diffusion=ckpt.diffusion, backend=backend,
                       precision=precision, path=path,
                       description=f"{backend} {precision} on {device}: {path.name} ({ckpt.source} checkpoint)")
     return den, info
 
 
+def exported_backend(name: str):
+    """The module of an ``EXPORTED_BACKENDS`` backend: its ``accepts(artifact)``, ``refusal(artifact)`` and
+    ``open(artifact, runtime)`` (imported when used; the heavy library only when ``open`` runs)."""
+    if name not in EXPORTED_BACKENDS:
+        raise BackendError(f"{name!r} does not run an exported engine; use one of {', '.join(EXPORTED_BACKENDS)}")
+    return importlib.import_module(f".{name}_", __name__)
+
+
 def _open_exported(path: Path, kind: str, backend: str | None, device: torch.device, precision: str,
                    model_config: ModelConfig | None, intra_op_threads: int | None,
                    auto_device: bool = False) -> tuple[Denoiser, EngineInfo]:
-    from ..bundle import UNET_PLAN, BundleError, read_manifest
+    from ..bundle import BundleError, read_manifest
 
     bundle = path if path.is_dir() else path.parent
     try:
@@ -177,31 +193,10 @@ def _open_exported(path: Path, kind: str, backend: str | None, device: torch.dev
     if backend in TORCH_BACKENDS:
         raise BackendError(f"{path}: an export bundle holds no PyTorch weights; pass the checkpoint it was made "
                            f"from ({manifest.source_name or 'sha256 ' + manifest.source_sha256[:12]}) instead")
-    if backend == "tensorrt":
-        if kind == "onnx":
-            raise BackendError(f"{path}: the tensorrt backend runs a plan; build one with `dh-export` on a GPU "
-                               "machine with TensorRT, or use backend='onnxruntime'")
-        plan = path if kind == "plan" else bundle / (manifest.tensorrt.plan_file if manifest.tensorrt else UNET_PLAN)
-        den, used = _open_plan(plan, manifest, device, precision)
-    elif backend == "openvino":
-        if kind == "plan":
-            raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
-                               "directory or its .onnx for openvino")
-        if device.type != "cpu" and not auto_device:
-            raise BackendError(f"the openvino backend runs on the CPU, not {device}; pass device='cpu'")
-        den, used = _open_openvino(path if kind == "onnx" else None, bundle, manifest, precision, intra_op_threads)
-    else:
-        if kind == "plan":
-            raise BackendError(f"{path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle "
-                               "directory or its .onnx for onnxruntime")
-        if auto_device and device.type == "cuda":
-            from .onnxruntime_ import has_cuda_provider
-
-            if not has_cuda_provider():
-                log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")
-                device = torch.device("cpu")
-        den, used = _open_onnx(path if kind == "onnx" else None, bundle, manifest, device, precision,
-                               intra_op_threads)
+    module, artifact = exported_backend(backend), Artifact(path, kind, bundle, manifest)
+    if not module.accepts(artifact):
+        raise BackendError(module.refusal(artifact))
+    den, used = module.open(artifact, Runtime(device, precision, intra_op_threads, auto_device))
     info = EngineInfo(model=manifest.model, audio=manifest.audio, diffusion=manifest.diffusion, backend=backend,
                       precision=used, path=path, manifest=manifest,
                       description=f"{backend} {used} on {den.device}: {path.name} "
@@ -221,65 +216,6 @@ def _default_backend(kind: str, bundle: Path, manifest: Manifest, device: torch.
     if has_plan and device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         return "tensorrt"
     return "onnxruntime"
-
-
-def _open_plan(plan: Path, manifest: Manifest, device: torch.device, precision: str) -> tuple[Denoiser, str]:
-    from .tensorrt_ import TrtDenoiser, import_tensorrt
-
-    if not plan.is_file():
-        raise BackendError(f"{plan.parent}: the bundle has no TensorRT plan; build one with `dh-export` on a GPU "
-                           "machine with TensorRT, or use backend='onnxruntime'")
-    import_tensorrt()  # a clear error before anything else when TensorRT is missing
-    if device.type != "cuda":
-        raise BackendError(f"{plan}: TensorRT plans run on CUDA, not {device}; pass device='cuda'")
-    verified(plan.parent, manifest, plan.name)
-    built = manifest.tensorrt.precision if manifest.tensorrt else manifest.precision
-    if precision != built:
-        log.info("%s was built for %s; running it in %s (asked for %s)", plan.name, built, built, precision)
-    return TrtDenoiser(plan, manifest, device=device), built
-
-
-def _open_onnx(onnx: Path | None, bundle: Path, manifest: Manifest, device: torch.device, precision: str,
-               intra_op_threads: int | None) -> tuple[Denoiser, str]:
-    from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
-    from .onnxruntime_ import OrtDenoiser
-
-    onnx = verified(bundle, manifest, (onnx or bundle_onnx(bundle, precision)).name)
-    used = {UNET_ONNX_FP16: "fp16", UNET_ONNX_INT8: "int8"}.get(onnx.name, "fp32")
-    return OrtDenoiser(onnx, manifest.model, device=device, intra_op_threads=intra_op_threads), used
-
-
-def verified(bundle: Path, manifest: Manifest, name: str) -> Path:
-    """``bundle/name`` once it is checked to be the file the manifest records (size, then sha256:
-    ``bundle.verify_file``), before any backend runs it; BackendError (one line) when it was replaced."""
-    from ..bundle import BundleError, verify_file
-
-    try:
-        return verify_file(bundle, manifest, name)
-    except BundleError as e:
-        raise BackendError(str(e)) from None
-
-
-def bundle_onnx(bundle: Path, precision: str) -> Path:
-    """The bundle's ONNX for ``precision`` (fp16: ``unet_fp16.onnx``, int8: ``unet_int8.onnx``, else ``unet.onnx``);
-    BackendError (one line, with the export command) when the bundle lacks it."""
-    from ..bundle import UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8
-
-    onnx = bundle / {"fp16": UNET_ONNX_FP16, "int8": UNET_ONNX_INT8}.get(precision, UNET_ONNX)
-    if not onnx.is_file():
-        hint = {"fp16": "; export with --precision fp16 for fp16 ONNX",
-                "int8": f"; make one with `dh-export {bundle} --precision int8 -o NEW_BUNDLE`"}.get(precision, "")
-        raise BackendError(f"{bundle}: the bundle has no {onnx.name}{hint}")
-    return onnx
-
-
-def _open_openvino(onnx: Path | None, bundle: Path, manifest: Manifest, precision: str,
-                   threads: int | None) -> tuple[Denoiser, str]:
-    """OpenVINO over the bundle's ONNX: fp32 and bf16 from ``unet.onnx``, int8 from ``unet_int8.onnx``."""
-    from .openvino_ import OvDenoiser
-
-    onnx = verified(bundle, manifest, (onnx or bundle_onnx(bundle, precision)).name)
-    return OvDenoiser(onnx, manifest.model, precision=precision, threads=threads), precision
 
 
 def _check_model(path: Path, have: ModelConfig, want: ModelConfig | None) -> None:

@@ -1,17 +1,16 @@
-"""The one backend seam: a Denoiser maps UNet inputs to its output, whatever runs underneath.
+"""The one backend seam: a Denoiser maps UNet inputs to its output (float32), whatever runs underneath.
 
-One I/O spec per exported network (``unet_io_spec``) drives ONNX export, TensorRT profiles,
-buffer allocation and parity tests alike.
+The I/O specs (``TensorSpec``, ``BatchProfile``, ``unet_io_spec``) live in ``specs.py`` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from ..config import PRECISIONS, ModelConfig
+from .specs import UNET_INPUTS, UNET_OUTPUTS, BatchProfile, TensorSpec, unet_io_spec  # noqa: F401  (re-exported)
 
 # The one place a precision name (config.PRECISIONS) becomes a torch dtype.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -33,58 +32,13 @@ def precision_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-# Input order of the exported UNet; the names are the ONNX/TensorRT tensor names.
-UNET_INPUTS = ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")
-UNET_OUTPUTS = ("model_out",)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape with ``-1`` for the batch axis, and dtype name of one network input/output."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == -1 else d for d in self.shape)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], tuple(d["shape"]), d.get("dtype", "float32"))
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """Batch sizes an engine accepts: TensorRT's min/opt/max optimisation profile."""
-
-    min: int = 1
-    opt: int = 1
-    max: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self}")
-
-    def to_dict(self) -> dict:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
-
-
-def unet_io_spec(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of the UNet, batch axis ``-1``. Timesteps are float32 original t (0..999)."""
-    s = cfg.image_size
-    inputs = [
-        TensorSpec("x_t", (-1, 3, s, s)),
-        TensorSpec("timesteps", (-1,)),
-        TensorSpec("identity", (-1, 3, s, s)),
-        TensorSpec("motion_frames", (-1, cfg.motion_channels, s, s)),
-        TensorSpec("audio_emb", (-1, cfg.audio_frames, cfg.audio_dim)),
-    ]
-    outputs = [TensorSpec("model_out", (-1, cfg.out_channels, s, s))]
-    return inputs, outputs
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as the one device a backend runs on: ``"cuda"`` becomes ``cuda:N`` (the current device) where
+    torch sees a GPU, so nothing downstream has to decide it again."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 1, *, device="cpu", dtype=torch.float32,
@@ -112,7 +66,7 @@ class BackendError(RuntimeError):
 class Denoiser(Protocol):
     """``denoiser(x_t, timesteps, identity, motion_frames, audio_emb) -> model_out`` on ``device``.
 
-    Shapes as ``unet_io_spec``. Inputs and output are torch tensors on ``self.device``. A backend
+    Shapes as ``unet_io_spec``. Inputs and output are torch tensors on ``self.device``, the output float32. A backend
     whose call has no host synchronisation sets ``graph_safe = True`` so the loop may capture it
     in a CUDA graph; the returned tensor may be a buffer the backend reuses on the next call.
     A backend that needs state of its own per captured graph (TensorRT: an execution context) also

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .base import UNET_INPUTS, UNET_OUTPUTS, BackendError, unet_io_spec
+from .artifact import Artifact, Runtime
+from .base import BackendError, resolve_device
+from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,32 @@ def has_cuda_provider() -> bool:
     return "CUDAExecutionProvider" in _import_ort().get_available_providers()
 
 
+def accepts(artifact: Artifact) -> bool:
+    """ONNX Runtime runs an exported ONNX: a bundle folder or an ``.onnx`` beside its manifest."""
+    return artifact.kind in ("bundle", "onnx")
+
+
+def refusal(artifact: Artifact) -> str:
+    """Why not, where :func:`accepts` says no to an exported artifact (a plan)."""
+    return (f"{artifact.path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle directory or its "
+            ".onnx for onnxruntime")
+
+
+def open(artifact: Artifact, runtime: Runtime) -> tuple[OrtDenoiser, str]:  # noqa: A001 - the backend protocol's name
+    """The artifact's ONNX for ``runtime.precision`` (``unet.onnx``, ``unet_fp16.onnx``, ``unet_int8.onnx``) in an
+    ``OrtDenoiser``, and the precision it computes in. With ``device='auto'`` and no CUDA execution provider
+    (plain ``onnxruntime``), it runs on the CPU."""
+    from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
+
+    device = runtime.device
+    if runtime.auto_device and device.type == "cuda" and not has_cuda_provider():
+        log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")
+        device = torch.device("cpu")
+    onnx = artifact.onnx(runtime.precision)
+    used = {UNET_ONNX_FP16: "fp16", UNET_ONNX_INT8: "int8"}.get(onnx.name, "fp32")
+    return OrtDenoiser(onnx, artifact.manifest.model, device=device, intra_op_threads=runtime.threads), used
+
+
 class OrtDenoiser:
     """``denoiser(x_t, timesteps, identity, motion_frames, audio_emb) -> model_out`` via ONNX Runtime.
 
@@ -57,7 +85,7 @@ class OrtDenoiser:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise BackendError(f"{self.path}: no such ONNX file")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # cuda -> cuda:N here, once; nothing below changes it
         self.config = config
         self.inputs, self.outputs = unet_io_spec(config)
         opts = ort.SessionOptions()
@@ -85,10 +113,8 @@ class OrtDenoiser:
         if not has_cuda_provider():
             raise BackendError("onnxruntime has no CUDA execution provider here; pip install onnxruntime-gpu, "
                                "or use device='cpu' or the tensorrt backend")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
         self._stream, handle = own_stream(self.device)
-        return [("CUDAExecutionProvider", {"device_id": str(index), "user_compute_stream": str(handle)}),
+        return [("CUDAExecutionProvider", {"device_id": str(self.device.index), "user_compute_stream": str(handle)}),
                 "CPUExecutionProvider"]
 
     def _check_provider(self) -> None:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .base import UNET_INPUTS, UNET_OUTPUTS, BackendError, unet_io_spec
+from .artifact import Artifact, Runtime
+from .base import BackendError
+from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,31 @@ def cache_root() -> Path:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def accepts(artifact: Artifact) -> bool:
+    """OpenVINO runs an exported ONNX: a bundle folder or an ``.onnx`` beside its manifest."""
+    return artifact.kind in ("bundle", "onnx")
+
+
+def refusal(artifact: Artifact) -> str:
+    """Why not, where :func:`accepts` says no to an exported artifact (a plan)."""
+    return (f"{artifact.path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle directory or its "
+            ".onnx for openvino")
+
+
+def open(artifact: Artifact, runtime: Runtime) -> tuple[OvDenoiser, str]:  # noqa: A001 - the backend protocol's name
+    """OpenVINO over the artifact's ONNX (fp32 and bf16 from ``unet.onnx``, int8 from ``unet_int8.onnx``), on the
+    CPU; ``device`` must be the CPU unless it was ``auto``."""
+    if runtime.device.type != "cpu" and not runtime.auto_device:
+        raise BackendError(f"the openvino backend runs on the CPU, not {runtime.device}; pass device='cpu'")
+    onnx = artifact.onnx(runtime.precision)
+    return OvDenoiser(onnx, artifact.manifest.model, precision=runtime.precision, threads=runtime.threads), \
+        runtime.precision
 
 
 class OvDenoiser:

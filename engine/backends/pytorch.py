@@ -1,4 +1,4 @@
-"""PyTorch backend: eager fp32 (the reference numerics) or fp16 + channels-last on GPU."""
+"""PyTorch backend: eager fp32 (the reference numerics) or fp16 + channels-last on GPU; float32 out either way."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import torch
 
 from ..config import ModelConfig
 from ..model import DiffusedHeadsUNet
+from .artifact import Artifact, Runtime
+from .base import precision_dtype
+
+
+def accepts(artifact: Artifact) -> bool:
+    """PyTorch runs a checkpoint's module (a bundle holds no PyTorch weights)."""
+    return artifact.kind == "checkpoint"
+
+
+def open(artifact: Artifact, runtime: Runtime, *, compiled: bool = False) -> tuple[TorchDenoiser, str]:  # noqa: A001
+    """The checkpoint's UNet (its EMA weights) in a ``TorchDenoiser`` (``compiled``: ``CompiledTorchDenoiser``)
+    on ``runtime.device`` in ``runtime.precision`` (fp32 or fp16), and that precision."""
+    cls, dtype = CompiledTorchDenoiser if compiled else TorchDenoiser, precision_dtype(runtime.precision)
+    return cls(artifact.checkpoint.build(), device=runtime.device, dtype=dtype), runtime.precision
 
 
 class TorchDenoiser:
@@ -35,8 +49,9 @@ class TorchDenoiser:
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, identity: torch.Tensor,
                  motion_frames: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
         d = self.dtype
-        return self.forward(x_t.to(d), timesteps, identity.to(d), motion_frames=motion_frames.to(d),
-                            audio_emb=audio_emb.to(d))
+        out = self.forward(x_t.to(d), timesteps, identity.to(d), motion_frames=motion_frames.to(d),
+                           audio_emb=audio_emb.to(d))
+        return out if out.dtype == torch.float32 else out.float()  # float32 out of every backend
 
 
 class CompiledTorchDenoiser(TorchDenoiser):

@@ -18,11 +18,16 @@ import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..bundle import Manifest, TensorRTRecord
-from .base import UNET_INPUTS, UNET_OUTPUTS, BackendError, unet_io_spec
+from .artifact import Artifact, Runtime
+from .base import BackendError, resolve_device
+from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
+
+if TYPE_CHECKING:  # the bundle's records are read, never built, here: no import of bundle.py at run time
+    from ..bundle import Manifest, TensorRTRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,35 @@ def engine_memory_bytes(engine) -> int:
     (TensorRT 10.1+; ``device_memory_size`` is gone in 11)."""
     size = getattr(engine, "device_memory_size_v2", None)
     return int(size if size is not None else engine.device_memory_size)
+
+
+def accepts(artifact: Artifact) -> bool:
+    """TensorRT runs a plan: a ``.plan`` beside its manifest, or a bundle folder (the plan it records)."""
+    return artifact.kind in ("bundle", "plan")
+
+
+def refusal(artifact: Artifact) -> str:
+    """Why not, where :func:`accepts` says no to an exported artifact (an ``.onnx``)."""
+    return (f"{artifact.path}: the tensorrt backend runs a plan; build one with `dh-export` on a GPU machine with "
+            "TensorRT, or use backend='onnxruntime'")
+
+
+def open(artifact: Artifact, runtime: Runtime) -> tuple[TrtDenoiser, str]:  # noqa: A001 - the backend protocol's name
+    """The artifact's plan in a ``TrtDenoiser`` on ``runtime.device`` (CUDA), and the precision it was built for
+    (a plan computes in that, whatever was asked; logged when they differ)."""
+    plan = artifact.plan()
+    if not plan.is_file():
+        raise BackendError(f"{plan.parent}: the bundle has no TensorRT plan; build one with `dh-export` on a GPU "
+                           "machine with TensorRT, or use backend='onnxruntime'")
+    import_tensorrt()  # a clear error before anything else when TensorRT is missing
+    if runtime.device.type != "cuda":
+        raise BackendError(f"{plan}: TensorRT plans run on CUDA, not {runtime.device}; pass device='cuda'")
+    artifact.verified(plan)
+    manifest = artifact.manifest
+    built = manifest.tensorrt.precision if manifest.tensorrt else manifest.precision
+    if runtime.precision != built:
+        log.info("%s was built for %s; running it in %s (asked for %s)", plan.name, built, built, runtime.precision)
+    return TrtDenoiser(plan, manifest, device=runtime.device), built
 
 
 class _Context:
@@ -202,11 +236,9 @@ class TrtDenoiser:
     def __init__(self, plan_path: str | os.PathLike, manifest: Manifest, *, device: torch.device | str = "cuda",
                  allow_other_gpu_name: bool = False):
         trt = import_tensorrt()
-        path, device = Path(plan_path), torch.device(device)
+        path, device = Path(plan_path), resolve_device(device)
         if device.type != "cuda":
             raise BackendError(f"TensorRT plans run on CUDA, not {device}; pass device='cuda'")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         name, cc = gpu_identity(device)
         check_plan_compat(manifest.tensorrt, trt_version=trt.__version__, gpu_name=name, compute_capability=cc,
                           where=str(path), allow_other_gpu_name=allow_other_gpu_name)
