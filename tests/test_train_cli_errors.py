@@ -29,6 +29,15 @@ def _one_line(result) -> str:
     return lines[0]
 
 
+def _error_line(result) -> str:
+    """The error line of a command that chose its threads before failing: the thread policy's log line may
+    come first (on stderr, where logging goes, when this process's logging is dh-train's), nothing else."""
+    lines = result.stderr.splitlines()
+    assert lines and all("threads:" in line for line in lines[:-1]), result.stderr
+    assert result.stdout == ""
+    return lines[-1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["distill", "--data", "D", "--out", "O"], "Missing option '--teacher'."),
     (["fit", "--data", "D", "--out", "O", "--frobnicate"], "No such option: --frobnicate"),
@@ -74,9 +83,8 @@ def test_set_values_of_the_right_type_pass(tmp_path):
 
 
 def test_nothing_on_stdout_before_an_error(tmp_path):
-    """In a fresh process (logging configured as a user sees it): the error is the only line, on stderr; where
-    the thread policy was logged before it (sample loads its checkpoint after choosing threads), that log line
-    is on stderr too, never on stdout."""
+    """In a fresh process (logging configured as a user sees it, on stderr): a missing input is the only line,
+    on stderr, before the thread policy logs anything."""
     fit = subprocess.run([str(BIN / "dh-train"), "fit", "--data", str(tmp_path / "nowhere"), "--out",
                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert (fit.returncode, fit.stdout) == (2, "")
@@ -85,8 +93,7 @@ def test_nothing_on_stdout_before_an_error(tmp_path):
     sample = subprocess.run([str(BIN / "dh-train"), "sample", str(tmp_path / "none.pt"), "--data", str(tmp_path),
                              "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=120)
     assert (sample.returncode, sample.stdout) == (2, "")
-    assert sample.stderr.splitlines()[-1] == f"dh-train: error: {tmp_path / 'none.pt'}: no such file"
-    assert all("threads:" in line for line in sample.stderr.splitlines()[:-1])
+    assert sample.stderr.splitlines() == [f"dh-train: error: {tmp_path / 'none.pt'}: no such file"]
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "run").exists()
 
 
@@ -108,7 +115,7 @@ def test_a_bundle_whose_manifest_claims_128_px_is_one_line(bundle, tmp_path):
     r = runner.invoke(app, ["sample", str(lying), "--data", str(tmp_path), "--out", str(tmp_path / "x.mp4")],
                       prog_name="dh-train")
     assert r.exit_code == 2, (r.stderr, r.exception)
-    assert _one_line(r) == (f"dh-train: error: {lying / 'unet.onnx'}: x_t has shape ['batch', 3, 32, 32] but the "
+    assert _error_line(r) == (f"dh-train: error: {lying / 'unet.onnx'}: x_t has shape ['batch', 3, 32, 32] but the "
                             "manifest's model config gives [-1, 3, 128, 128]; the manifest does not describe this "
                             "ONNX, re-export with dh-export")
     assert not (tmp_path / "x.mp4").exists()
@@ -121,7 +128,7 @@ def test_a_bundle_whose_weights_fail_the_parity_check_is_one_line(bundle, tmp_pa
     r = runner.invoke(app, ["sample", str(lying), "--data", str(tmp_path), "--out", str(tmp_path / "x.mp4")],
                       prog_name="dh-train")
     assert r.exit_code == 2, (r.stderr, r.exception)
-    line = _one_line(r)
+    line = _error_line(r)
     assert line.startswith(f"dh-train: error: {lying}: the weights read back differ from ONNX Runtime by "), line
     assert line.endswith(" (> 0.0001); not a dh-export graph of this model"), line
     assert not (tmp_path / "x.mp4").exists()
@@ -131,6 +138,6 @@ def test_a_bundle_whose_weights_do_not_fit_its_manifest_is_one_line(bundle, tmp_
     wide = _edited(bundle, tmp_path / "wide", model_channels=64, num_head_channels=64)
     r = runner.invoke(app, ["anchor", str(wide), "-o", str(tmp_path / "a.pt")], prog_name="dh-train")
     assert r.exit_code == 2, (r.stderr, r.exception)
-    assert _one_line(r) == ("dh-train: error: unet.onnx: input_blocks.1.0.in_layers.0 has 64 channels, the graph's "
+    assert _error_line(r) == ("dh-train: error: unet.onnx: input_blocks.1.0.in_layers.0 has 64 channels, the graph's "
                             "norm 32")
     assert not (tmp_path / "a.pt").exists()

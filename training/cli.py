@@ -52,6 +52,15 @@ THREADS_HELP = ("torch CPU threads per process (0 = auto: OMP_NUM_THREADS, else 
                 "leaves free, split over torchrun's ranks on this node)")
 
 
+def _require(checkpoint: Path, data: Path) -> None:
+    """One line for a checkpoint or data folder that is not there, before the thread policy logs anything (the
+    deeper checks, what a file holds, stay with the library)."""
+    if not checkpoint.exists():
+        _fail(f"{checkpoint}: no such file")
+    if not data.is_dir():
+        _fail(f"--data {data}: no such folder (make one with `dh-train prepare`)")
+
+
 def _fail(message: str) -> None:
     typer.echo(f"dh-train: error: {message}", err=True)
     raise typer.Exit(2)
@@ -130,6 +139,8 @@ def fit(
     from .train import resolve_resume, saved_config
 
     try:  # the flags first: a bad one is one line, with nothing logged before it
+        if not data.is_dir():
+            raise FileNotFoundError(f"--data {data}: no such folder (make one with `dh-train prepare`)")
         ckpt = resolve_resume(out, resume)
         given = load_config(config or "tiny", list(set_ or [])) if config is not None or ckpt is None else None
         # a resumed run continues as it recorded itself; --config/--set may not quietly make it another run
@@ -137,8 +148,6 @@ def fit(
         cfg = given if recorded is None else resumed_config(recorded, list(set_ or []), given=given, where=str(ckpt))
         if init is not None and not init.exists():  # a file, or a dh-export bundle folder
             raise FileNotFoundError(f"--init {init}: no such checkpoint")
-        if not data.is_dir():
-            raise FileNotFoundError(f"--data {data}: no such folder (make one with `dh-train prepare`)")
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _threads(threads)
@@ -199,6 +208,7 @@ def distill(
 ) -> None:
     """Distil a teacher into a few-step DDIM or DDPM student (progressive distillation). Under torchrun: DDP."""
     _setup_logging(verbose)
+    _require(checkpoint=teacher, data=data)
     _threads(threads)
     from dheads.engine.checkpoint import CheckpointError
 
@@ -235,6 +245,7 @@ def sample(
 ) -> None:
     """Preview a checkpoint on a prepared clip."""
     _setup_logging(verbose)
+    _require(checkpoint=checkpoint, data=data)
     _threads(threads)
     from dheads.engine.checkpoint import load_checkpoint
 
@@ -299,6 +310,7 @@ def rollouts(
 ) -> None:
     """Generate every training clip with the model, for `--set data.motion_rollout_prob=P` in fit or distill."""
     _setup_logging(verbose)
+    _require(checkpoint=checkpoint, data=data)
     _threads(threads)
     from dheads.engine.checkpoint import CheckpointError
 
