@@ -292,6 +292,14 @@ def _flat(cfg: TrainingConfig) -> dict[str, Any]:
     return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
 
 
+def _shown(value: Any) -> str:
+    """A config value as TOML writes it, where TOML can (None cannot: shown as Python does)."""
+    try:
+        return _toml_value(value)
+    except TypeError:
+        return repr(value)
+
+
 def resumed_config(recorded: dict[str, Any], overrides: list[str] | None = None, *,
                    given: TrainingConfig | None = None, where: str = "the run") -> TrainingConfig:
     """The config a resumed run continues with: the one it recorded (``recorded``, the checkpoint's), so a
@@ -307,7 +315,7 @@ def resumed_config(recorded: dict[str, Any], overrides: list[str] | None = None,
                if old.get(k) != new.get(k) and not (k in RESUME_KEYS and k in named)]
     if refused:
         flag = "--config" if given is not None else "--set"
-        shown = ", ".join(f"{k} = {_toml_value(old.get(k))} recorded, {_toml_value(new.get(k))} given" for k in refused)
+        shown = ", ".join(f"{k} = {_shown(old.get(k))} recorded, {_shown(new.get(k))} given" for k in refused)
         raise ValueError(f"resuming {where}: {flag} changes its recorded config ({shown}); a resumed run keeps "
                          f"the config it was started with (--set may change only {', '.join(sorted(RESUME_KEYS))}): "
                          "drop the flag, or start a new run with another --out")
