@@ -88,8 +88,8 @@ def _summary(result) -> None:
 
 @app.command(cls=OneLineErrors)
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (ours, crema_script.pt, Lightning); "
-                                      "with --precision int8 also a bundle folder."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (ours, crema_script.pt, Lightning) or a "
+                                      "bundle folder (re-exported; int8: copied, int8 added)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Bundle folder "
                                           "(default: CHECKPOINT's name + _bundle)."),
     audio_encoder: Optional[Path] = typer.Option(None, "--audio-encoder", help="The authors' audio_encoder.pt "
@@ -147,11 +147,12 @@ def export(
             def on_stage(name: str) -> None:  # a transient spinner: stderr stays clean when not a terminal
                 status.update(f"{escape(name)} ...")
 
-            result = run_export(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
-                                profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
-                                timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
-                                frame_noise=frame_noise, steps=steps, spacing=spacing, calibration=calibration,
-                                on_stage=on_stage)
+            make = _from_bundle if checkpoint.is_dir() else run_export  # a bundle: re-exported from its weights
+            result = make(checkpoint, out_dir, audio_encoder=audio_encoder, precision=precision,
+                          profile=profile, opset=opset, tensorrt=tensorrt, overwrite=overwrite, seed=seed,
+                          timing_cache=timing_cache, trt_typing=typing_, image_size=image_size,
+                          frame_noise=frame_noise, steps=steps, spacing=spacing, calibration=calibration,
+                          on_stage=on_stage)
     except USER_ERRORS as e:
         _fail(e, 2)
     except FAILURES as e:
@@ -163,7 +164,7 @@ def export(
 
 def _check_source(path: Path, precision: str) -> None:
     """ExportError (one line) for a source dh-export cannot take: a symlink loop (``Path.exists`` calls it
-    missing), or a folder other than a bundle given with ``--precision int8``."""
+    missing), or a folder that is not an export bundle."""
     import errno
     import os
 
@@ -177,13 +178,36 @@ def _check_source(path: Path, precision: str) -> None:
         if e.errno == errno.ELOOP:
             raise ExportError(f"{path}: symlink loop (the link leads back to itself), not a checkpoint") from None
         return  # missing: the pipeline says so
-    if path.is_dir() and precision != "int8":
-        if (path / MANIFEST).is_file():
-            raise ExportError(f"{path}: an export bundle, not a checkpoint; dh-export makes a bundle from a "
-                              "checkpoint file (ours, crema_script.pt, Lightning, a UNet state_dict), or adds int8 "
-                              "to a bundle with --precision int8")
-        raise ExportError(f"{path}: is a directory, not a checkpoint file (with --precision int8 it may be an "
-                          "export bundle folder)")
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        raise ExportError(f"{path}: is a directory but not an export bundle (no {MANIFEST}); dh-export takes a "
+                          "checkpoint file (ours, crema_script.pt, Lightning, a UNet state_dict) or a bundle folder")
+
+
+def _from_bundle(bundle: Path, out_dir: Path, **options):
+    """``run_export`` of a bundle folder: its weights read back from its ``unet.onnx`` (``load_checkpoint``, checked
+    against ONNX Runtime, and the file against the manifest's sha256) into a checkpoint in a temporary folder, then
+    exported as any checkpoint (a fresh ONNX verified, fp16, TensorRT where available: e.g. the plan of a shipped
+    bundle, built on the GPU machine). The new manifest names its source as that ``unet.onnx`` and its sha256."""
+    import dataclasses
+    import tempfile
+
+    from dheads.engine.bundle import UNET_ONNX, read_manifest, sha256_file, write_manifest
+    from dheads.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    from .errors import ExportError
+    from .pipeline import run_export
+
+    try:
+        ckpt = load_checkpoint(bundle)
+    except ValueError as e:  # CheckpointError, BundleError: one line
+        raise ExportError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="dh-export-") as tmp:
+        result = run_export(save_checkpoint(Path(tmp) / "weights.pt", ckpt), out_dir, **options)
+    record = read_manifest(bundle).file(UNET_ONNX)
+    manifest = dataclasses.replace(result.manifest, source_name=f"{bundle.name}/{UNET_ONNX}", source_kind="bundle",
+                                   source_sha256=record.sha256 if record else sha256_file(bundle / UNET_ONNX))
+    write_manifest(out_dir, manifest)
+    return dataclasses.replace(result, manifest=manifest)
 
 
 def _check_flags(checkpoint: Path, precision: str, steps: int | None, spacing: str | None,
