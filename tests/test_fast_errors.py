@@ -111,3 +111,26 @@ def test_importing_a_cli_imports_no_torch():
     code = "import sys, " + ", ".join(COMMANDS.values()) + "; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+TRAIN_COMMANDS = ("prepare", "fit", "distill", "sample", "health", "rollouts", "anchor")
+
+
+@pytest.mark.parametrize("sub", TRAIN_COMMANDS)
+def test_dh_train_help_before_torch_and_in_80_columns(tmp_path, sub):
+    """dh-train's commands too: --help without torch, no line over 80 columns or cut, every option named."""
+    import typer.main
+
+    from dheads.training import cli
+
+    env = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([sys.executable, "-c", PROBE, "dheads.training.cli", "dh-train", sub, "--help"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    got = json.loads(r.stderr.rpartition("\nPROBE ")[2])
+    assert got["code"] == 0 and got["torch"] is False, r.stderr
+    cut = [line for line in r.stdout.splitlines() if "…" in line or len(line) > 80]
+    assert cut == [], cut
+    command = typer.main.get_command(cli.app).commands[sub]
+    missing = [o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", ())) if o.startswith("-")
+               and o not in r.stdout]
+    assert missing == [], missing

@@ -24,6 +24,7 @@ import typer
 from dheads.engine.cli_errors import OneLineErrorsGroup
 
 app = typer.Typer(cls=OneLineErrorsGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Train Diffused Heads models: prepare data, fit, preview.")
 log = logging.getLogger("dheads.training")
 
