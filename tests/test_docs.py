@@ -40,7 +40,7 @@ RULES: list[tuple[str, str, str]] = [
      "the quickstart's own dh-run: CI runs it whole (.ci/quickstart), tests/test_demo.py with -m slow"),
     (r"^dh-run engine/assets/examples/face\.png engine/assets/examples/speech\.wav (?!.*--engine)(?!.*--device cuda)",
      "run", "dh-run on the shipped example with the demo model"),
-    (r"^dh-eval fast\.mp4 ", "run", "dh-eval on the video the README's dh-run line makes"),
+    (r"^dh-eval short\.mp4 ", "run", "dh-eval on the video the README's dh-run line makes"),
     (r"--device cuda|--backends [^ ]*tensorrt|tensorrt,|--precision fp16$", "skip", "needs a CUDA GPU (and TensorRT)"),
     (r"crema_script\.pt|audio_encoder\.pt|/data/CREMA-D|torchrun ", "skip",
      "the authors' released checkpoint / CREMA-D / several GPUs, which the repository does not ship"),
