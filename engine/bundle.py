@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
-from .backends.specs import BatchProfile, TensorSpec
+from .specs import BatchProfile, TensorSpec
 from .config import AudioConfig, DiffusionConfig, ModelConfig
 from .names import PRECISIONS
 

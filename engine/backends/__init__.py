@@ -16,17 +16,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
+from ..bundle import MANIFEST, BundleError, Manifest, read_manifest
 from ..config import AudioConfig, DiffusionConfig, ModelConfig
 from .artifact import Artifact, Runtime
 from .base import (PRECISIONS, BackendError, BatchProfile, Denoiser, TensorSpec, check_precision, example_inputs,
                    precision_dtype, resolve_device, unet_io_spec)
-
-if TYPE_CHECKING:
-    from ..bundle import Manifest
 
 __all__ = ["BACKENDS", "BACKEND_PRECISIONS", "PRECISIONS", "Artifact", "BackendError", "BatchProfile", "Denoiser",
            "EngineInfo", "Runtime", "TensorSpec", "example_inputs", "exported_backend", "open_denoiser", "pick_device",
@@ -112,8 +108,6 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def _artifact_kind(path: Path) -> str:
-    from ..bundle import MANIFEST
-
     if path.is_dir():
         return "bundle" if (path / MANIFEST).is_file() else "checkpoint"
     suffix = path.suffix.lower()
@@ -177,8 +171,6 @@ def exported_backend(name: str):
 def _open_exported(path: Path, kind: str, backend: str | None, device: torch.device, precision: str,
                    model_config: ModelConfig | None, intra_op_threads: int | None,
                    auto_device: bool = False) -> tuple[Denoiser, EngineInfo]:
-    from ..bundle import BundleError, read_manifest
-
     bundle = path if path.is_dir() else path.parent
     try:
         manifest = read_manifest(bundle)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..bundle import UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8, UNET_PLAN, BundleError, Manifest, verify_file
 from .base import BackendError
-
-if TYPE_CHECKING:
-    from ..bundle import Manifest
 
 KINDS = ("bundle", "onnx", "plan", "checkpoint")
 
@@ -40,8 +38,6 @@ class Artifact:
     def verified(self, path: Path) -> Path:
         """``path`` once it is checked to be the file the manifest records (size, then sha256:
         ``bundle.verify_file``), before any backend runs it; BackendError (one line) when it was replaced."""
-        from ..bundle import BundleError, verify_file
-
         try:
             return verify_file(path.parent, self.manifest, path.name)
         except BundleError as e:
@@ -53,8 +49,6 @@ class Artifact:
         when the bundle lacks it."""
         if self.kind == "onnx":
             return self.verified(self.path)
-        from ..bundle import UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8
-
         onnx = self.bundle / {"fp16": UNET_ONNX_FP16, "int8": UNET_ONNX_INT8}.get(precision, UNET_ONNX)
         if not onnx.is_file():
             hint = {"fp16": "; export with --precision fp16 for fp16 ONNX",
@@ -67,8 +61,6 @@ class Artifact:
         """The TensorRT plan: the ``.plan`` given, else the one the manifest records (not yet verified)."""
         if self.kind == "plan":
             return self.path
-        from ..bundle import UNET_PLAN
-
         record = self.manifest.tensorrt
         return self.bundle / (record.plan_file if record else UNET_PLAN)
 

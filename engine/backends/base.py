@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..config import PRECISIONS, ModelConfig
-from .specs import UNET_INPUTS, UNET_OUTPUTS, BatchProfile, TensorSpec, unet_io_spec  # noqa: F401  (re-exported)
+from ..specs import UNET_INPUTS, UNET_OUTPUTS, BatchProfile, TensorSpec, unet_io_spec  # noqa: F401  (re-exported)
 
 # The one place a precision name (config.PRECISIONS) becomes a torch dtype.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
 from ..config import ModelConfig
 from .artifact import Artifact, Runtime
 from .base import BackendError, resolve_device
-from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
+from ..specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def open(artifact: Artifact, runtime: Runtime) -> tuple[OrtDenoiser, str]:  # no
     """The artifact's ONNX for ``runtime.precision`` (``unet.onnx``, ``unet_fp16.onnx``, ``unet_int8.onnx``) in an
     ``OrtDenoiser``, and the precision it computes in. With ``device='auto'`` and no CUDA execution provider
     (plain ``onnxruntime``), it runs on the CPU."""
-    from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
-
     device = runtime.device
     if runtime.auto_device and device.type == "cuda" and not has_cuda_provider():
         log.info("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); running on the CPU")

@@ -24,7 +24,7 @@ import torch
 
 from .artifact import Artifact, Runtime
 from .base import BackendError, resolve_device
-from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
+from ..specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
 if TYPE_CHECKING:  # the bundle's records are read, never built, here: no import of bundle.py at run time
     from ..bundle import Manifest, TensorRTRecord

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 # Input order of the exported UNet; the names are the ONNX/TensorRT tensor names.
 UNET_INPUTS = ("x_t", "timesteps", "identity", "motion_frames", "audio_emb")
