@@ -85,9 +85,9 @@ def machine() -> dict[str, object]:
         except importlib.metadata.PackageNotFoundError:
             pass
     try:
-        from dheads.engine.backends.openvino_ import CpuInfo, import_openvino
+        from dheads.engine.backends.openvino_ import CpuInfo, core
 
-        info["openvino_capabilities"] = list(CpuInfo.of(import_openvino().Core()).capabilities)
+        info["openvino_capabilities"] = list(CpuInfo.of(core()).capabilities)
     except Exception:  # noqa: BLE001 - absent or broken openvino: reported per engine
         pass
     return info

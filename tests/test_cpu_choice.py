@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 
 import pytest
@@ -16,10 +15,7 @@ from dheads.engine.pipeline import default_engine_path
 
 DEMO = default_engine_path()
 HAS_OV = importlib.util.find_spec("openvino") is not None
-# OpenVINO in the suite's process made a later in-process dh-run segfault: its tests run apart
-# (tests/test_openvino_isolated.py sets DHEADS_OPENVINO_ISOLATED)
-OV_HERE = HAS_OV and bool(os.environ.get("DHEADS_OPENVINO_ISOLATED"))
-OV_WHY = "openvino is not installed" if not HAS_OV else "runs in a process of its own (tests/test_openvino_isolated.py)"
+OV_HERE, OV_WHY = HAS_OV, "openvino is not installed"
 
 
 @pytest.fixture

@@ -11,15 +11,10 @@ Tolerances, on one UNet call of the demo (model_out, all 6 channels), inputs in 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import pytest
 import torch
-
-if not os.environ.get("DHEADS_OPENVINO_ISOLATED"):
-    pytest.skip("runs in a process of its own (tests/test_openvino_isolated.py): OpenVINO loaded in the suite's "
-                "process made a later in-process dh-run segfault", allow_module_level=True)
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'diffused-heads[openvino]')")
 
@@ -64,7 +59,7 @@ def test_f32_matches_onnxruntime(demo_inputs, ort_out):
 
 
 def test_bf16_within_its_bound_where_the_cpu_has_it(demo_inputs, ort_out):
-    cpu = ovb.CpuInfo.of(ovb.import_openvino().Core())
+    cpu = ovb.CpuInfo.of(ovb.core())
     if "BF16" not in cpu.capabilities:
         pytest.skip(f"{cpu.name}: OpenVINO reports no BF16 ({', '.join(cpu.capabilities)})")
     den, info = open_denoiser(DEMO, backend="openvino", device="cpu", precision="bf16", intra_op_threads=1)
@@ -100,6 +95,16 @@ def test_compiled_model_is_cached_under_its_key(tmp_path, monkeypatch):
     assert blobs, "OpenVINO wrote no compiled blob into the key's folder"
     again, _ = open_denoiser(DEMO, backend="openvino", device="cpu", intra_op_threads=1)
     assert again.cache_dir == den.cache_dir and sorted(p.name for p in den.cache_dir.glob("*.blob")) == blobs
+
+
+def test_one_core_per_process(tmp_path, monkeypatch):
+    """Every denoiser and the capability check share the process's one ov.Core: a second Core made and queried
+    beside the first corrupted the heap (a later, unrelated malloc died of SIGSEGV; openvino_.py's docstring)."""
+    monkeypatch.setenv("DHEADS_CACHE", str(tmp_path))
+    a, _ = open_denoiser(DEMO, backend="openvino", device="cpu", intra_op_threads=1)
+    b, _ = open_denoiser(DEMO, backend="openvino", device="cpu", precision="bf16" if "BF16" in a.cpu.capabilities
+                         else "fp32", intra_op_threads=1)
+    assert a.core is b.core is ovb.core()
 
 
 def test_thread_policy_reaches_openvino():

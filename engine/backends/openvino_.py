@@ -11,6 +11,13 @@ f32 explicitly. An int8 model is the QDQ ONNX ``dh-export --precision int8`` wri
 quantized convolutions in int8 and the rest in bf16 where the CPU has it, else f32 (measured on the demo:
 12.5 ms a call against 16.7 with the rest in f32 and 14.3 for bf16 alone; error vs fp32 0.034 either way, the
 int8 convolutions' own). Outputs are always float32 torch tensors on the CPU.
+
+One ``ov.Core`` per process (:func:`core`), made on first use and never released: with a second Core made and
+queried while another existed (two denoisers, or ``--device auto``'s capability check beside the denoiser), the
+process's heap was corrupted and a later, unrelated ``malloc`` died of SIGSEGV (the test suite's in-process
+training then ``dh-run`` after the OpenVINO tests, 4 of 4 runs; 0 of 6 with one shared Core or with every Core
+kept alive). Compile settings (precision, threads, cache folder) go to each ``compile_model`` call, so one Core
+serves every model.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +36,7 @@ import torch
 from ..config import ModelConfig
 from .artifact import Artifact, Runtime
 from .base import BackendError
-from .specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
+from ..specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,19 @@ def import_openvino():
         raise BackendError("openvino is not installed; pip install 'diffused-heads[openvino]' "
                            "(or use --backend onnxruntime)") from None
     return openvino
+
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def core():
+    """The process's one ``ov.Core`` (see the module docstring for why never two); BackendError without openvino."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = import_openvino().Core()
+        return _CORE
 
 
 @dataclass(frozen=True)
@@ -130,7 +151,7 @@ class OvDenoiser:
             raise BackendError(f"{self.path}: no such ONNX file")
         self.device, self.config, self.precision = torch.device("cpu"), config, precision
         self.inputs, self.outputs = unet_io_spec(config)
-        self.core = ov.Core()
+        self.core = core()
         self.cpu = CpuInfo.of(self.core)
         check_precision_supported(precision, self.cpu)
         self.key = cache_key(_sha256(self.path), ov.__version__, self.cpu, precision)
