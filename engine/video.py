@@ -4,8 +4,11 @@ Frames cross this module as ``np.ndarray`` uint8 ``[H, W, 3]`` RGB, C-contiguous
 ``to_ndarray`` keeps the decoder's line padding; MediaPipe silently finds no face on such
 strided arrays, so every frame is made contiguous here).
 
-Writing streams: ``MP4Writer.write`` encodes and muxes each frame as it arrives and interleaves
-the audio track frame by frame, so memory does not grow with the video's length. The audio is a whole
+Writing streams: ``MP4Writer.write`` checks a frame and hands a copy to the writer's encoder thread through a
+queue of ``QUEUE_FRAMES`` frames, so the caller's frame loop waits for the encoder only when it is that many
+frames behind; the thread encodes and muxes each frame in order and interleaves the audio track frame by frame,
+so memory does not grow with the video's length (``threaded=False`` encodes in ``write`` itself; the file is the
+same byte for byte). An error on the encoder thread is raised by the next ``write`` or by ``close``. The audio is a whole
 array or an iterable of chunks (read as it is needed); either way it reaches the AAC encoder in frames of
 at most ``AUDIO_CHUNK`` samples, the rest of a track longer than the video too. The file is
 written to a hidden temporary name in the target directory and renamed over the target with
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,6 +41,8 @@ DEFAULT_CRF = 18
 DEFAULT_PRESET = "fast"
 AUDIO_BIT_RATE = 64_000  # mono speech; AAC-LC at 16 kHz
 AUDIO_CHUNK = 1 << 14  # samples at most in one audio frame handed to the encoder
+QUEUE_FRAMES = 4  # frames waiting for MP4Writer's encoder thread at most (64x64 RGB: 12 KB each)
+_STOP = object()  # tells the encoder thread that no more frames come
 
 
 class VideoError(ValueError):
@@ -207,7 +214,8 @@ class MP4Writer:
     The frame size is taken from the first frame (H.264 yuv420p needs even sides). The audio
     track keeps its own length: it is not cut or padded to the video's. ``audio``: mono samples
     ``[S]`` (float in [-1, 1] or int16), or an iterable of such chunks, pulled as the video needs them
-    (a long track need never be in memory whole).
+    (a long track need never be in memory whole). ``threaded``: encode on a thread of the writer's own, fed by a
+    queue of ``QUEUE_FRAMES`` frames (``write`` returns once the frame is checked and queued); False: in ``write``.
     """
 
     def __init__(
@@ -219,12 +227,14 @@ class MP4Writer:
         sample_rate: int = 16000,
         crf: int = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
+        threaded: bool = True,
     ) -> None:
         self.path = Path(path)
         self.fps = Fraction(fps).limit_denominator(1001)
         self.sample_rate = int(sample_rate)
         self.crf, self.preset = crf, preset
-        self.n_frames = 0
+        self.n_frames = 0  # frames accepted by write
+        self._encoded = 0  # frames handed to the video encoder (the encoder thread's count)
         self.has_audio = audio is not None
         if isinstance(audio, np.ndarray) and audio.ndim == 2 and 1 in audio.shape:
             audio = audio.reshape(-1)
@@ -241,6 +251,11 @@ class MP4Writer:
         self._vstream = self._astream = None
         self._tmp: Path | None = None
         self._closed = False
+        self._threaded = threaded
+        self._queue: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None  # what stopped the encoder thread
+        self._abandon = False  # abort: the encoder thread drops what is left
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> MP4Writer:
@@ -284,13 +299,83 @@ class MP4Writer:
         if self._shape is None:
             self._open(frame.shape[0], frame.shape[1])
             self._shape = frame.shape
+            if self._threaded:
+                self._start_worker()
         elif frame.shape != self._shape:
             raise VideoError(f"frame {self.n_frames} has shape {tuple(frame.shape)}, expected {self._shape}")
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        vf.pts = self.n_frames
-        self._mux(self._vstream.encode(vf))
+        if self._worker is None:
+            self._encode_frame(frame)
+        else:
+            self._put(np.array(frame, dtype=np.uint8, order="C", copy=True))  # the caller may reuse its buffer
         self.n_frames += 1
-        self._write_audio_until(round(self.n_frames * self.sample_rate / self.fps))
+
+    def _encode_frame(self, frame: np.ndarray) -> None:
+        """Encode and mux one checked frame, then the audio up to its end (on the encoder thread where threaded)."""
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        vf.pts = self._encoded
+        self._mux(self._vstream.encode(vf))
+        self._encoded += 1
+        self._write_audio_until(round(self._encoded * self.sample_rate / self.fps))
+
+    # -- the encoder thread --------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        self._queue = queue.Queue(maxsize=QUEUE_FRAMES)
+        self._worker = threading.Thread(target=self._run, name=f"mp4-{self.path.name}", daemon=True)
+        self._worker.start()
+
+    def _run(self) -> None:
+        """The encoder thread: encode queued frames in order until ``_STOP``; the first error ends it."""
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                try:
+                    if not self._abandon:
+                        self._encode_frame(item)
+                finally:
+                    self._queue.task_done()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by _raise_worker_error
+            self._error = e
+
+    def drain(self) -> None:
+        """Wait until every frame written so far is encoded and muxed (at once where not threaded); raises the
+        encoder thread's error."""
+        while self._worker is not None and self._worker.is_alive() and self._queue.unfinished_tasks:
+            with self._queue.all_tasks_done:
+                self._queue.all_tasks_done.wait(timeout=0.1)
+        self._raise_worker_error()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _put(self, item) -> None:
+        """Queue ``item`` for the encoder thread, waiting while the queue is full; raises the thread's error."""
+        while True:
+            self._raise_worker_error()
+            if not self._worker.is_alive():
+                return  # it ended without an error only after _STOP: nothing more to hand it
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _join_worker(self, *, abandon: bool) -> None:
+        """Stop the encoder thread: after the queued frames (``abandon`` False), or dropping them (True)."""
+        if self._worker is None:
+            return
+        if abandon:
+            self._abandon = True
+            with self._queue.mutex:
+                self._queue.queue.clear()
+                self._queue.not_full.notify_all()
+        while self._worker.is_alive():  # one that ended on an error takes no _STOP; close() raises its error
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._worker.join()
+        self._worker = None
 
     def _write_audio_until(self, end: int | None) -> None:
         """Encode audio samples ``[_audio_pos, end)`` (to the end of the track where ``end`` is None), in
@@ -326,6 +411,8 @@ class MP4Writer:
             self._closed = True
             raise VideoError(f"no frames were written to {self.path}")
         try:
+            self._join_worker(abandon=False)
+            self._raise_worker_error()
             self._write_audio_until(None)
             self._mux(self._vstream.encode(None))
             if self._astream is not None:
@@ -343,6 +430,7 @@ class MP4Writer:
 
     def abort(self) -> None:
         """Drop the partial file; the target path is left untouched. Safe to call twice."""
+        self._join_worker(abandon=True)  # its error, if any, was the caller's to raise: the file goes either way
         if self._container is not None:
             try:
                 self._container.close()

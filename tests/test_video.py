@@ -97,6 +97,7 @@ def test_writer_streams_to_disk(tmp_path):
     with MP4Writer(tmp_path / "s.mp4") as w:
         for _ in range(60):
             w.write(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+        w.drain()  # the encoder thread has caught up with the frames written
         (part,) = tmp_path.glob(".s.mp4.*.part")
         assert part.stat().st_size > 100_000  # noise compresses poorly: ~60 frames of it on disk
         assert not (tmp_path / "s.mp4").exists()
