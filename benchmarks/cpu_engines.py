@@ -202,7 +202,7 @@ def compare(cc: CompareConfig) -> dict[str, object]:
     policy = thread_policy.apply(thread_policy.runtime_policy(cc.threads or None))
     ref, engines, skipped = _open_engines(cc, path, policy.onnxruntime)
     t0 = time.perf_counter()
-    ref.prepare(face, audio)  # the first in a process also loads the face landmarker
+    first = ref.prepare(face, audio)  # the first in a process also loads the face landmarker
     t1 = time.perf_counter()
     inputs = ref.prepare(face, audio)
     prepare_s, warm_prepare_s = t1 - t0, time.perf_counter() - t1
@@ -220,7 +220,8 @@ def compare(cc: CompareConfig) -> dict[str, object]:
             and ref.info.manifest.file("unet.onnx") else None,
             "sampler": ref.default_sampler.to_dict(), "inputs": {"face": str(face), "audio": str(audio),
                                                                  "frames": inputs.n_frames},
-            "prepare_s": prepare_s, "warm_prepare_s": warm_prepare_s, "config": dataclasses.asdict(cc), "results": rows, "skipped": skipped}
+            "prepare_s": prepare_s, "warm_prepare_s": warm_prepare_s,
+            "prepare_stages": first.stages, "warm_prepare_stages": inputs.stages, "config": dataclasses.asdict(cc), "results": rows, "skipped": skipped}
 
 
 def markdown(result: dict) -> str:
@@ -241,5 +242,11 @@ def markdown(result: dict) -> str:
                      f"{r['first_frame_ms']:.0f} | {r['open_s']:.2f} | {r['time_to_first_frame_s']:.2f} "
                      f"({r['warm_first_frame_s']:.2f}) | "
                      f"{r['vs_onnxruntime_fp32']['rel_l2']:.2e} |")
+    stages = [f"{when}: face {st['face']:.2f} s, audio load {st['audio_load']:.2f} s, audio encode "
+              f"{st['audio_encode']:.2f} s" for key, when in (("prepare_stages", "the process's first prepare"),
+                                                              ("warm_prepare_stages", "a later one"))
+              if (st := result.get(key))]
+    if stages:  # the speech is encoded on a thread while the face is cropped: prepare is less than their sum
+        lines += ["", "Preparation stages, each its own seconds (the audio overlaps the face): " + "; ".join(stages) + "."]
     skipped = "".join(f"\n- {k}: skipped ({v})" for k, v in result["skipped"].items())
     return f"{head}.\n\n" + "\n".join(lines) + "\n" + (skipped + "\n" if skipped else "")

@@ -29,14 +29,17 @@ class Measured:
 
 
 # unet.onnx sha256 -> what passed. Filled from measurements only (see the module docstring).
-PASSED: dict[str, Measured] = {
-    # The talking demo (0d922b1): OpenVINO int8 and bf16 inside the fp32 seed spread on every metric of the
-    # held-out study at seeds 0-4 (benchmarks/results/precision_parity_2026-12-07_s0-4.md); per frame at 10
-    # calls on 2 cores, load 2.7-3.0: int8 171 ms, bf16 204 ms, ONNX Runtime fp32 335 ms
-    # (benchmarks/results/cpu_engines_2026-12-07_t2.md). int8 runs where the bundle has unet_int8.onnx.
-    "47f8868d905cb3570ad6a2d8d82a97b192513338453e41debf0cbdc1149fefb3": Measured(
-        (("openvino", "int8"), ("openvino", "bf16")), "held-out parity at seeds 0-4, precision_parity_2026-12-07_s0-4"),
-}
+# Measured but not entered (2026-12-07): the talking demo (unet.onnx 47f8868d..., 0d922b1) passed the held-out
+# study at seeds 0-4 with OpenVINO int8 and bf16 (benchmarks/results/precision_parity_2026-12-07_s0-4.md); per frame
+# at 10 calls, 2 cores, load 2.7-3.0: int8 171 ms, bf16 204 ms, ONNX Runtime fp32 335 ms (cpu_engines_2026-12-07_t2).
+# The segfault that kept it out is understood and fixed (a second ov.Core in the process; openvino_.core()). Entered,
+# dh-serve on the demo (device auto) broke its own promise that a finished job's video equals a render of the same
+# request: tests/test_serve_production.py::test_a_render_job_is_submitted_polled_and_fetched differed by a few pixel
+# levels when run after the file's other tests (alone it passed; every test passed with ONNX Runtime), cause not
+# found. Enter it once that is understood:
+# "47f8868d905cb3570ad6a2d8d82a97b192513338453e41debf0cbdc1149fefb3":
+#     Measured((("openvino", "int8"), ("openvino", "bf16")), "held-out parity at seeds 0-4"),
+PASSED: dict[str, Measured] = {}
 
 
 def choose(bundle: Path) -> tuple[str, str]:

@@ -139,9 +139,18 @@ def test_compare_engines_parses_backend_precision_pairs():
 
 def test_dh_bench_compare_renders_interleaved_and_records_machine_and_load(tmp_path):
     """Two CPU engines on the demo, 2 frames each after the first: the JSON's shape, not its speed. An engine that
-    cannot open here (int8: the demo has no unet_int8.onnx) is listed as skipped with its one-line reason."""
-    args = ["--compare", "onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp32", "--frames", "2", "--repeats", "2",
-            "--threads", "1", "--out", str(tmp_path), "--name", "c"]
+    cannot open here (int8: a copy of the demo without its unet_int8.onnx) is listed as skipped with its one-line
+    reason."""
+    import shutil
+
+    from dheads.engine.pipeline import default_engine_path
+
+    bundle = tmp_path / "demo"
+    bundle.mkdir()
+    for name in ("manifest.json", "unet.onnx"):
+        shutil.copy(default_engine_path() / name, bundle / name)
+    args = ["--compare", "onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp32", "--engine", str(bundle), "--frames", "2",
+            "--repeats", "2", "--threads", "1", "--out", str(tmp_path), "--name", "c"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "c.json").read_text())

@@ -107,6 +107,36 @@ def test_one_core_per_process(tmp_path, monkeypatch):
     assert a.core is b.core is ovb.core()
 
 
+def test_a_batch_gives_what_each_sample_gives_alone(demo_inputs):
+    """Each row as alone, bit for bit (dh-serve batches streams; render_batch promises each video as alone)."""
+    den, _ = open_denoiser(DEMO, backend="openvino", device="cpu", precision="int8" if (DEMO / "unet_int8.onnx").is_file()
+                           else "fp32", intra_op_threads=1)
+    both = den(*demo_inputs)
+    assert all(torch.equal(both[i:i + 1], den(*[t[i:i + 1] for t in demo_inputs])) for i in range(2))
+
+
+def test_calls_from_several_threads_give_what_each_gives_alone(demo_inputs):
+    """dh-serve calls one denoiser from its threads: OpenVINO's infer request is not thread-safe, so calls take
+    turns (without that, outputs of concurrent calls mixed and served videos differed run to run)."""
+    import threading
+
+    den, _ = open_denoiser(DEMO, backend="openvino", device="cpu", intra_op_threads=1)
+    inputs = [[t[i:i + 1] for t in demo_inputs] for i in range(2)]
+    alone = [den(*x) for x in inputs]
+    got: dict[tuple[int, int], torch.Tensor] = {}
+
+    def work(k: int) -> None:
+        for r in range(4):
+            got[k, r] = den(*inputs[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[k, r], alone[k]) for k in range(2) for r in range(4))
+
+
 def test_thread_policy_reaches_openvino():
     den, _ = open_denoiser(DEMO, backend="openvino", device="cpu", intra_op_threads=1)
     compiled = den._request(1).get_compiled_model()

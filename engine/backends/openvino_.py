@@ -1,7 +1,8 @@
 """OpenVINO backend (CPU): runs a bundle's ONNX (``unet.onnx``, or ``unet_int8.onnx`` for int8) in f32 or bf16.
 
-Each batch size gets a model reshaped to that static batch (measured on the demo: 47 ms static against 63 ms
-dynamic at f32, 28 against 30 ms at bf16) compiled on first use. Compiled blobs live in a cache folder named
+The model is reshaped to a static batch (measured on the demo: 47 ms static against 63 ms dynamic at f32, 28
+against 30 ms at bf16) and compiled on first use; a batch runs as batch-1 calls unless ``per_sample=False``
+(then each batch size gets its own compiled model), so a stream batched with others gives what it gives alone. Compiled blobs live in a cache folder named
 by :func:`cache_key` (the ONNX's sha256, OpenVINO's version, the CPU, the precision), so a changed model, a
 new OpenVINO or another CPU never reuses a stale blob; inside it, OpenVINO's own ``CACHE_DIR`` check adds
 the graph and the compile settings.
@@ -138,18 +139,23 @@ class OvDenoiser:
     ``precision``: fp32 | bf16 (``onnx_path`` an fp32 ONNX) or int8 (a QDQ ONNX). ``threads``: the engine's
     threads (``INFERENCE_NUM_THREADS``; None: OpenVINO's choice). One stream, latency hint, no core pinning
     (the machine is shared). ``cache``: a folder for compiled models (None: :func:`cache_root`).
+    ``per_sample`` (default True): a batch runs as batch-1 calls, one per sample, so each stream of a batch gets
+    what it gets alone (OpenVINO's kernels for another static batch round differently: batch 2's first row vs
+    batch 1 differed by 1e-6 at fp32 and 3e-8 at int8 on the demo, grown to whole pixel levels over a video);
+    False: one call at the batch's own shape.
     """
 
     name = "openvino"
     graph_safe = False
 
     def __init__(self, onnx_path: str | os.PathLike, config: ModelConfig, *, precision: str = "fp32",
-                 threads: int | None = None, cache: str | os.PathLike | None = None):
+                 threads: int | None = None, cache: str | os.PathLike | None = None, per_sample: bool = True):
         ov = import_openvino()
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise BackendError(f"{self.path}: no such ONNX file")
         self.device, self.config, self.precision = torch.device("cpu"), config, precision
+        self.per_sample = per_sample
         self.inputs, self.outputs = unet_io_spec(config)
         self.core = core()
         self.cpu = CpuInfo.of(self.core)
@@ -167,6 +173,7 @@ class OvDenoiser:
             raise BackendError(f"{self.path}: OpenVINO cannot read it ({_first_line(e)})") from None
         self._check_io()
         self._requests: dict[int, object] = {}
+        self._lock = threading.Lock()  # an InferRequest is not thread-safe: one call at a time (dh-serve's threads)
         self._write_key_note(ov.__version__)
         self._request(1)  # compile batch 1 now: errors belong to open, not to the first frame
         log.info("openvino %s %s on %s (cache %s)", ov.__version__, precision, self.cpu.name, self.cache_dir)
@@ -218,10 +225,14 @@ class OvDenoiser:
         b = x_t.shape[0]
         feeds = {spec.name: t.detach().to(device="cpu", dtype=torch.float32).reshape(spec.concrete(b)).contiguous().numpy()
                  for spec, t in zip(self.inputs, (x_t, timesteps, identity, motion_frames, audio_emb))}
-        req = self._request(b)
-        req.infer(feeds)
-        out = req.get_output_tensor(0).data
-        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+        rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(b)] if self.per_sample else [feeds]
+        outs = []
+        with self._lock:  # two threads on one request corrupt each other's outputs (seen in dh-serve's tests)
+            for feed in rows:
+                req = self._request(next(iter(feed.values())).shape[0])
+                req.infer(feed)
+                outs.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return torch.from_numpy(outs[0] if len(outs) == 1 else np.concatenate(outs))
 
 
 def _first_line(e: BaseException) -> str:
