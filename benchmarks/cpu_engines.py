@@ -250,3 +250,69 @@ def markdown(result: dict) -> str:
         lines += ["", "Preparation stages, each its own seconds (the audio overlaps the face): " + "; ".join(stages) + "."]
     skipped = "".join(f"\n- {k}: skipped ({v})" for k, v in result["skipped"].items())
     return f"{head}.\n\n" + "\n".join(lines) + "\n" + (skipped + "\n" if skipped else "")
+
+
+def warm_renders(engines: tuple[tuple[str, str], ...], out_dir: Path, *, bundle: str | None = None,
+                 face: str | None = None, audio: str | None = None, renders: int = 3, threads: int = 0,
+                 seed: int = 0) -> dict[str, object]:
+    """Whole renders (speech in, mp4 out, as ``dh-run``) from a warm process: each engine's ``TalkingHead`` is opened
+    once, then renders the same request ``renders`` times, engines taking turns. Per render: preparation (wall
+    and each stage's own seconds), the first frame, time to the first frame (prepare + first frame, from the call),
+    per-frame median, fps and real-time factor of the frame loop, and end to end (the call's wall time over the
+    video's seconds). The first render of a head also makes its face landmarker."""
+    from dheads.engine import threads as thread_policy
+    from dheads.engine.config import RuntimeConfig
+    from dheads.engine.pipeline import RenderRequest, TalkingHead, default_engine_path
+
+    examples = default_engine_path().parent / "examples"
+    face, audio = face or str(examples / "face.png"), audio or str(examples / "speech.wav")
+    load_before = load_average()
+    policy = thread_policy.runtime_policy(threads or None)
+    heads, opened = {}, {}
+    for backend, precision in engines:
+        t0 = time.perf_counter()
+        heads[backend, precision] = TalkingHead.open(bundle, RuntimeConfig(backend=backend, device="cpu",
+                                                                           precision=precision,
+                                                                           threads=policy.onnxruntime))
+        opened[backend, precision] = time.perf_counter() - t0
+    rows: dict[tuple[str, str], list[dict]] = {k: [] for k in heads}
+    for i in range(renders):
+        for key, head in heads.items():
+            t0 = time.perf_counter()
+            st = head.render(RenderRequest(face, audio, Path(out_dir) / f"{key[0]}_{key[1]}_{i}.mp4", seed=seed))
+            wall = time.perf_counter() - t0
+            rows[key].append({"render": i, "prepare_s": st.prepare_s, "stages": st.prepare_stages,
+                              "first_frame_s": st.first_frame_s, "time_to_first_frame_s": st.first_frame_at - t0,
+                              "frame_median_ms": st.median_frame_s * 1000, "fps": st.fps,
+                              "real_time_factor": st.real_time_factor, "end_to_end_s": wall,
+                              "end_to_end_real_time_factor": wall / st.seconds_of_video, "frames": st.frames})
+    return {"kind": "cpu_warm_renders", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "machine": machine(), "load_before": load_before,
+            "load_after": load_average(), "threads": {"engine": policy.onnxruntime, "why": policy.why},
+            "inputs": {"face": face, "audio": audio}, "sampler": next(iter(heads.values())).default_sampler.to_dict(),
+            "results": [{"engine": f"{b} {p}", "open_s": opened[b, p], "renders": rows[b, p]} for b, p in heads]}
+
+
+def warm_markdown(result: dict) -> str:
+    """The warm renders as a markdown table, one row per render."""
+    lines = ["| engine | render | time to first frame s (prepare: face, audio load, audio encode; first frame) | "
+             "frame median ms | fps | real-time factor | end to end s (RTF) |", "|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        for x in r["renders"]:
+            st = x["stages"]
+            lines.append(f"| {r['engine']} | {x['render'] + 1} | {x['time_to_first_frame_s']:.2f} ({x['prepare_s']:.2f}: "
+                         f"{st['face']:.2f}, {st['audio_load']:.2f}, {st['audio_encode']:.2f}; "
+                         f"{x['first_frame_s']:.2f}) | {x['frame_median_ms']:.1f} | {x['fps']:.2f} | "
+                         f"{x['real_time_factor']:.2f} | {x['end_to_end_s']:.2f} ({x['end_to_end_real_time_factor']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m dheads.benchmarks.cpu_engines ENGINES OUT.json [RENDERS]: warm renders
+    import json
+    import tempfile
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = warm_renders(parse_engines(sys.argv[1]), Path(tmp), renders=int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    Path(sys.argv[2]).write_text(json.dumps(res, indent=1) + "\n")
+    sys.stdout.write(warm_markdown(res))
