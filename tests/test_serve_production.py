@@ -630,7 +630,8 @@ def test_a_native_crash_in_preparation_fails_that_request_and_the_server_goes_on
     # the test hook: a file marked DH-SEGV / DH-KILL (as the OOM killer ends a process) / DH-STOP (a hang) makes
     # the prep worker signal itself so
     monkeypatch.setenv(TEST_CRASH_HOOK, "SEGV:DH-SEGV,KILL:DH-KILL,STOP:DH-STOP")
-    cfg = dataclasses.replace(worker.config, port=free_port(), prep_timeout_s=5.0)
+    # 10 s: a fresh worker's ordinary preparation must stay well inside it on loaded CI cores
+    cfg = dataclasses.replace(worker.config, port=free_port(), prep_timeout_s=10.0)
     w = EngineWorker(cfg, head=worker.head)  # a pool of its own, started with the hook in its environment
     w.start()
     crashed = ("server error: preparing the {} crashed its worker process ({}); the server goes on (report the file "
@@ -649,11 +650,11 @@ def test_a_native_crash_in_preparation_fails_that_request_and_the_server_goes_on
             assert (msgs, code) == ([{"type": "error", "error": crashed.format("audio", "SIGKILL", "audio")}], 1011)
             t0 = time.monotonic()
             r = render(u, wav, face=FACE.read_bytes() + b"DH-STOP")  # a worker that hangs is killed at the limit
-            assert (r.status_code, r.json()) == (500, {"error": "server error: preparing the face took over 5 s "
+            assert (r.status_code, r.json()) == (500, {"error": "server error: preparing the face took over 10 s "
                                                                 "(dh-serve --prep-timeout); its worker process was "
                                                                 "stopped; the server goes on (report the file if it "
                                                                 "is an ordinary face)"})
-            assert 5 <= time.monotonic() - t0 < 30
+            assert 10 <= time.monotonic() - t0 < 40
             msgs, frames, code = stream(u, wav)
             assert code == 1000 and msgs[-1] == {"type": "done", "frames": 7} and len(frames) == 7
             assert metric(w, "dh_prep_crashes_total") == 4 and w.prep.restarts == 4
