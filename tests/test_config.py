@@ -70,16 +70,22 @@ def test_choose_sampler_is_override_plus_the_models_T():
         choose_sampler(d, steps=501)
 
 
-def test_the_shipped_demo_bundle_reads_its_older_manifest():
-    """The demo's manifest.json keeps the loose keys (its files' hashes do not cover it, but it is shipped as
-    made); it reads into one SamplerConfig, and the engine samples with it by default."""
-    from dheads.engine.bundle import read_manifest
+def test_the_shipped_demo_bundle_and_an_older_manifest_read_the_same_sampling(tmp_path):
+    """The demo's manifest (rewritten by dh-export with unet_int8.onnx, so in the new ``sampling`` form) gives the
+    engine's default, DDPM on 10 trailing steps with fresh noise; the same manifest written the older way (loose
+    ``sampler``/``sampling_steps``/``frame_noise``/``spacing`` keys, as bundles made before 2026-12-07 are) reads
+    into the same SamplerConfig."""
+    from dheads.engine.bundle import MANIFEST, read_manifest
 
     demo = importlib.resources.files("dheads.engine") / "assets" / "demo"
-    raw = json.loads((demo / "manifest.json").read_text())["diffusion"]
+    raw = json.loads((demo / MANIFEST).read_text())
     m = read_manifest(demo)
-    assert m.diffusion.sampling == SamplerConfig(raw["sampler"], raw["sampling_steps"], frame_noise=raw["frame_noise"],
-                                                 spacing=raw["spacing"])
+    assert m.diffusion.sampling == SamplerConfig("ddpm", 10, spacing="trailing", frame_noise="fresh")
+    s = raw["diffusion"].pop("sampling")
+    raw["diffusion"].update(sampler=s["name"], sampling_steps=s["steps"], frame_noise=s["frame_noise"],
+                            spacing=s["spacing"])
+    (tmp_path / MANIFEST).write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).diffusion == m.diffusion
 
 
 def test_training_toml_sections_read_either_form():
