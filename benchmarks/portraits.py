@@ -29,7 +29,6 @@ import typer
 
 from dheads.benchmarks import metrics as M
 from dheads.benchmarks.heldout_study import _generate, _uint8, _write_png, comparison_strip, roundtrip_mp4
-from dheads.engine.plan import choose_sampler
 from dheads.engine.pipeline import TalkingHead
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,9 @@ def score_face(frames: np.ndarray, identity: np.ndarray, loud: np.ndarray, fps: 
 
 def portraits(faces: list[Path], speech: Path, engine: str | None, *, seed: int = 0, strip: Path | None = None,
               **sampling) -> dict:
-    """``sampling``: the ``SamplerConfig`` fields chosen over the engine's default (``plan.choose_sampler``)."""
+    """``sampling``: the ``SamplerConfig`` fields chosen over the engine's default (``SamplerConfig.override``; the plan checks the steps against the model)."""
     head = TalkingHead.open(engine)
-    sampler = choose_sampler(head.info.diffusion, head.default_sampler, **sampling)
+    sampler = head.default_sampler.override(**sampling)
     fps, rate = head.info.audio.fps, head.info.audio.sample_rate
     box = tuple(head.info.model.motion_mask) if head.info.model.motion_mask else None
     rows, shown = {}, {}

@@ -87,7 +87,7 @@ class RenderRequest:
     front end builds (dh-run from its flags) for ``TalkingHead.render`` / ``render_batch``.
 
     ``sampler`` None: the engine's recorded sampling (``TalkingHead.default_sampler``; build another with
-    ``plan.choose_sampler``). ``seed``: of all the video's noise; the same request on the same device gives the
+    ``SamplerConfig.override``). ``seed``: of all the video's noise; the same request on the same device gives the
     same video, alone or in a batch. ``crop``: ``auto`` (find the face) or ``none``; ``frame``: which frame of
     a face video; ``max_seconds``: use only the first seconds of the speech; ``allow_silence``: accept silent
     speech. Where the engine runs (device, backend, threads, CUDA graphs) is the head's ``RuntimeConfig``.

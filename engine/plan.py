@@ -37,14 +37,6 @@ PRESETS: dict[str, SamplerConfig | None] = {
 assert tuple(PRESETS) == names.PRESETS, "engine/names.py PRESETS and plan.PRESETS disagree"
 
 
-def choose_sampler(diffusion: DiffusionConfig, base: SamplerConfig | None = None, **choices) -> SamplerConfig:
-    """``(base or diffusion.sampling).override(**choices)``, with the steps checked against the model's T
-    (``names.check_steps``). A thin alias: new code calls ``SamplerConfig.override`` itself."""
-    cfg = (base or diffusion.sampling).override(**choices)
-    names.check_steps(cfg.steps, diffusion.num_timesteps)
-    return cfg
-
-
 def preset_sampler(name: str, diffusion: DiffusionConfig) -> SamplerConfig:
     """The sampler a preset names for an artifact (``quality``: its recorded default)."""
     return PRESETS[names.check_preset(name)] or diffusion.sampling
@@ -127,5 +119,5 @@ def denoise_frame(model: ModelFn, x: torch.Tensor, plan: SamplingPlan, tables: S
         return done.value
 
 
-__all__ = ["PRESETS", "SamplingPlan", "choose_sampler", "default_sampler", "denoise_frame", "frame_steps", "make_plan", "make_state", "preset_sampler",
+__all__ = ["PRESETS", "SamplingPlan", "default_sampler", "denoise_frame", "frame_steps", "make_plan", "make_state", "preset_sampler",
            "warm_start"]

@@ -61,13 +61,13 @@ def test_override_keeps_what_is_not_given():
         base.override(tables="authors")
 
 
-def test_choose_sampler_is_override_plus_the_models_T():
-    from dheads.engine.plan import choose_sampler
+def test_override_keeps_the_rest_and_the_plan_checks_the_models_T():
+    from dheads.engine.plan import make_plan
 
     d = DiffusionConfig(num_timesteps=500, sampling=SamplerConfig("ddim", 5, warm_steps=2))
-    assert choose_sampler(d, steps=7) == d.sampling.override(steps=7)
+    assert d.sampling.override(steps=7) == SamplerConfig("ddim", 7, warm_steps=2)
     with pytest.raises(ValueError, match=r"^steps must be at most 500 \(the model's diffusion timesteps\), got 501$"):
-        choose_sampler(d, steps=501)
+        make_plan(d, d.sampling.override(steps=501))
 
 
 def test_the_shipped_demo_bundle_and_an_older_manifest_read_the_same_sampling(tmp_path):

@@ -77,10 +77,8 @@ def written(monkeypatch):
 
 
 def _sampler(head: TalkingHead, choice: dict) -> SamplerConfig:
-    from dheads.engine.plan import choose_sampler
-
-    return choose_sampler(head.info.diffusion, head.default_sampler, name=choice["sampler"], steps=choice["steps"],
-                          frame_noise=choice.get("frame_noise"), spacing=choice.get("spacing"))
+    return head.default_sampler.override(name=choice["sampler"], steps=choice["steps"],
+                                         frame_noise=choice.get("frame_noise"), spacing=choice.get("spacing"))
 
 
 def _dh_run(engine, speech, out, choice) -> None:
