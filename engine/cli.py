@@ -83,25 +83,18 @@ def _check_flags(steps: int | None, sampler: str | None, eta: float | None, seed
     """Flag values that are wrong whatever the engine: refused by the rules of ``engine/names.py`` before
     anything heavy (torch) is imported (one line, exit 2)."""
     if frame_noise is not None:
-        _flag("--frame-noise", names.noise_correlation, frame_noise)
+        _flag("--frame-noise", names.RULES["frame_noise"], frame_noise)
     if crop not in ("auto", "none"):
         raise typer.BadParameter(f"must be 'auto' or 'none', got {crop!r}", param_hint="--crop")
-    if spacing is not None:
-        _flag("--spacing", names.check_spacing, spacing)
-    if steps is not None:
-        _flag("--steps", names.check_steps, steps)
-    if eta is not None:
-        _flag("--eta", names.check_eta, eta)
-    if sampler is not None:
-        _flag("--sampler", names.check_sampler, sampler)
-    if tables is not None:
-        _flag("--tables", names.check_tables, tables)
+    for name, value in dict(spacing=spacing, steps=steps, eta=eta, sampler=sampler, tables=tables).items():
+        if value is not None:
+            _flag("--" + name, names.RULES[name], value)
     if warm_steps is not None:
         _flag("--warm-steps", names.check_warm_steps, warm_steps,
               steps if steps is not None else max(warm_steps, 0))
-    if preset is not None:
-        _flag("--preset", names.check_preset, preset)
-    _flag("--seed", names.check_seed, seed)
+    for name, value in dict(preset=preset, seed=seed).items():
+        if value is not None:
+            _flag("--" + name, names.RULES[name], value)
     if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
         raise typer.BadParameter(f"must be a positive number of seconds, got {max_seconds}",
                                  param_hint="--max-seconds")
