@@ -18,6 +18,13 @@ from ..bundle import UNET_ONNX, UNET_ONNX_FP16, UNET_ONNX_INT8, UNET_PLAN, Bundl
 from .base import BackendError
 
 KINDS = ("bundle", "onnx", "plan", "checkpoint")
+ONNX_KINDS = ("bundle", "onnx")  # what an ONNX backend (onnxruntime, openvino) runs
+
+
+def plan_refusal(artifact: Artifact, backend: str) -> str:
+    """Why an ONNX backend does not run ``artifact``, a TensorRT plan (its ``refusal``)."""
+    return (f"{artifact.path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle directory or its "
+            f".onnx for {backend}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from ..bundle import UNET_ONNX_FP16, UNET_ONNX_INT8
 from ..config import ModelConfig
-from .artifact import Artifact, Runtime
+from .artifact import ONNX_KINDS, Artifact, Runtime, plan_refusal
 from .base import BackendError, resolve_device
 from ..specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
@@ -45,13 +45,12 @@ def has_cuda_provider() -> bool:
 
 def accepts(artifact: Artifact) -> bool:
     """ONNX Runtime runs an exported ONNX: a bundle folder or an ``.onnx`` beside its manifest."""
-    return artifact.kind in ("bundle", "onnx")
+    return artifact.kind in ONNX_KINDS
 
 
 def refusal(artifact: Artifact) -> str:
     """Why not, where :func:`accepts` says no to an exported artifact (a plan)."""
-    return (f"{artifact.path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle directory or its "
-            ".onnx for onnxruntime")
+    return plan_refusal(artifact, "onnxruntime")
 
 
 def open(artifact: Artifact, runtime: Runtime) -> tuple[OrtDenoiser, str]:  # noqa: A001 - the backend protocol's name

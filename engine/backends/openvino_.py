@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .artifact import Artifact, Runtime
+from .artifact import ONNX_KINDS, Artifact, Runtime, plan_refusal
 from .base import BackendError
 from ..specs import UNET_INPUTS, UNET_OUTPUTS, unet_io_spec
 
@@ -114,13 +114,12 @@ def _sha256(path: Path) -> str:
 
 def accepts(artifact: Artifact) -> bool:
     """OpenVINO runs an exported ONNX: a bundle folder or an ``.onnx`` beside its manifest."""
-    return artifact.kind in ("bundle", "onnx")
+    return artifact.kind in ONNX_KINDS
 
 
 def refusal(artifact: Artifact) -> str:
     """Why not, where :func:`accepts` says no to an exported artifact (a plan)."""
-    return (f"{artifact.path}: a TensorRT plan runs only with backend='tensorrt'; pass the bundle directory or its "
-            ".onnx for openvino")
+    return plan_refusal(artifact, "openvino")
 
 
 def open(artifact: Artifact, runtime: Runtime) -> tuple[OvDenoiser, str]:  # noqa: A001 - the backend protocol's name
