@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dheads.training.augment import SHADE_GRID, LEVEL, augment, recolor_sample, corrupt_motion, gaussian_blur, hflip_sample, ramp
+from dheads.training.augment import (SHADE_GRID, LEVEL, augment, recolor_sample, corrupt_motion, gaussian_blur,
+                                     hflip_sample, ramp, reframe_sample)
 from dheads.training.config import DataConfig
 from dheads.training.losses import box_mask
 
@@ -127,6 +128,56 @@ def test_recolouring_applies_one_colour_map_to_every_image_of_a_sample():
     assert out["x0"].min() >= -1 and out["x0"].max() <= 1
     with pytest.raises(ValueError, match=r"data.sample_color must be in \[0, 1\), got 1.0"):
         DataConfig(sample_color=1.0)
+
+
+def _square_batch(b: int, size: int = 32, box=(12, 14, 20, 22)) -> dict[str, torch.Tensor]:
+    """Dark images with one bright square where the lip box is, in every image of the sample."""
+    img = torch.full((b, 3, size, size), -1.0)
+    x0, y0, x1, y1 = box
+    img[:, :, y0:y1, x0:x1] = 1.0
+    return {"x0": img.clone(), "identity": img.clone(), "motion": img.repeat(1, 2, 1, 1),
+            "lip_box": torch.tensor([list(box)] * b)}
+
+
+def _bright_bounds(img: torch.Tensor) -> list[int]:
+    ys, xs = torch.nonzero(img[0] > 0, as_tuple=True)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_reframing_moves_and_scales_every_image_and_the_lip_box_alike():
+    b = _square_batch(64)
+    out = reframe_sample(b, 0.1, 0.08, 1.0, torch.Generator().manual_seed(3))
+    moved = 0
+    for i in range(64):
+        bounds = _bright_bounds(out["x0"][i])
+        box = out["lip_box"][i].tolist()
+        # the box holds the whole square, at most one pixel of rounding (plus bicubic ringing) wider on each side
+        assert all(abs(a - c) <= 1 for a, c in zip(bounds, box)), (i, bounds, box)
+        assert torch.equal(out["identity"][i], out["x0"][i]) and torch.equal(out["motion"][i, 3:], out["x0"][i])
+        moved += bounds != [12, 14, 20, 22]
+    assert moved > 48  # almost every sample is framed differently
+    assert out["x0"].abs().max() <= 1.0
+
+
+def test_reframing_by_a_pure_shift_moves_the_box_without_resizing_it():
+    b = _square_batch(1)
+    g = torch.Generator().manual_seed(0)
+    # scale 0 and a shift drawn in [-0.125, 0.125] of 32 px: the square moves by a whole or fractional pixel count
+    out = reframe_sample(b, 0.0, 0.125, 1.0, g)
+    dx, dy = (out["lip_box"][0, :2] - b["lip_box"][0, :2]).tolist()
+    assert abs(dx) <= 5 and abs(dy) <= 5 and (dx, dy) != (0, 0)
+    assert (out["lip_box"][0, 2:] - out["lip_box"][0, :2]).tolist() in ([8, 8], [9, 8], [8, 9], [9, 9])  # same size
+    assert torch.equal(reframe_sample(b, 0.1, 0.1, 0.0, g)["x0"], b["x0"])  # probability 0: unchanged
+
+
+def test_reframing_is_off_in_the_paper_recipe_and_on_through_the_config():
+    b = _square_batch(8)
+    on = augment(b, DataConfig(reframe=1.0, reframe_scale=0.1), 2, 0, torch.Generator().manual_seed(1))
+    assert not torch.equal(on["x0"], b["x0"])
+    with pytest.raises(ValueError, match="data.reframe_shift must be in \\[0, 0.5\\), got 0.6"):
+        DataConfig(reframe_shift=0.6)
+    with pytest.raises(ValueError, match="data.reframe must be in \\[0, 1\\], got 2"):
+        DataConfig(reframe=2)
 
 
 def test_bad_augmentation_values_are_refused():

@@ -25,6 +25,13 @@ corruption then applying on top.
 
 The maxima ramp linearly from 0 to their values over the first ``motion_corrupt_ramp`` steps.
 ``hflip``: the probability of mirroring a whole sample (target, identity, motion frames, lip box).
+
+Other framings (``reframe``): with that probability a sample is zoomed by ~ U(1 - reframe_scale, 1 + reframe_scale)
+about the image centre and shifted by ~ U(-reframe_shift, reframe_shift) of the side along each axis, every image of
+the sample and its lip box alike (bicubic, edge pixels beyond the border, as ``dh-run``'s crop pads): a face framed
+a little larger, smaller or off-centre than the prepared clips' one crop rule, as photos at run time are, so the
+model takes the face from the identity frame rather than from a fixed place (the motion-frame mouth mask stays where
+the network puts it).
 Every draw comes from the generator passed in, so a step's augmentation is a pure function of its seed.
 """
 
@@ -131,6 +138,42 @@ def hflip_sample(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str
     return out
 
 
+def reframe_sample(batch: dict[str, torch.Tensor], scale: float, shift: float, prob: float,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Zoom and shift every image and the lip box of the samples drawn with probability ``prob`` (module doc)."""
+    b, _, h, w = batch["x0"].shape
+    dev, dtype = batch["x0"].device, batch["x0"].dtype
+    hit = _uniform(b, generator) < prob
+    zoom = torch.where(hit, _uniform(b, generator, 1 - scale, 1 + scale), torch.ones(b))
+    off = torch.where(hit[:, None], _uniform(2 * b, generator, -shift, shift).view(b, 2), torch.zeros(b, 2))
+    # output point p (normalized, -1..1) shows input point p / zoom - 2 * off: content moves by +2*off, grows by zoom
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom.double()
+    theta[:, :, 2] = -2 * off.double()
+    grid = F.affine_grid(theta.to(dtype), [b, 1, h, w], align_corners=False).to(dev)
+    out = dict(batch)
+    for key in IMAGE_KEYS:
+        if key in batch:
+            moved = F.grid_sample(batch[key], grid, mode="bicubic", padding_mode="border", align_corners=False)
+            out[key] = torch.where(hit.to(dev).view(-1, 1, 1, 1), moved.clamp(-1, 1), batch[key])
+    if "lip_box" in batch:
+        out["lip_box"] = _reframed_box(batch["lip_box"], zoom, off, (h, w))
+    return out
+
+
+def _reframed_box(box: torch.Tensor, zoom: torch.Tensor, off: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Lip boxes ``(x0, y0, x1, y1)`` in pixels (end exclusive) after ``reframe_sample``'s zoom and shift, widened to
+    whole pixels and clamped to the image."""
+    h, w = hw
+    size = torch.tensor([w, h, w, h], dtype=torch.float64)
+    norm = box.double() / size * 2 - 1  # pixel edges -> -1..1
+    moved = zoom.double()[:, None] * (norm + 2 * off.double().repeat(1, 2))
+    px = (moved + 1) / 2 * size
+    lo = torch.floor(px[:, :2]).clamp_min(0)
+    hi = torch.minimum(torch.ceil(px[:, 2:]), size[2:])
+    return torch.cat([lo, hi], dim=1).to(box.dtype)
+
+
 def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: int,
             generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The batch after ``data_cfg``'s mirroring and motion-frame corruption at ``step`` (a new dict).
@@ -139,6 +182,8 @@ def augment(batch: dict[str, torch.Tensor], data_cfg, motion_frames: int, step: 
     returned unchanged (and no random number is drawn).
     """
     out = batch
+    if data_cfg.reframe > 0 and (data_cfg.reframe_scale > 0 or data_cfg.reframe_shift > 0):
+        out = reframe_sample(out, data_cfg.reframe_scale, data_cfg.reframe_shift, data_cfg.reframe, generator)
     if data_cfg.sample_color > 0:
         out = recolor_sample(out, data_cfg.sample_color, generator)
     if "motion_rollout" in out:

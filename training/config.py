@@ -60,18 +60,24 @@ class DataConfig:
     motion_shade: float = 0.0  # max peak of a smooth local brightness field, levels of 255
     motion_rollout_prob: float = 0.0  # probability that a sample's motion frames come from the model's rollout
     motion_corrupt_ramp: int = 0  # steps over which the maxima ramp up from 0
+    reframe: float = 0.0  # probability that a sample is zoomed and shifted (other framings)
+    reframe_scale: float = 0.0  # max relative zoom deviation of a reframed sample
+    reframe_shift: float = 0.0  # max shift of a reframed sample along each axis, fraction of the side
 
     def __post_init__(self) -> None:
         _check_choice("data.identity", self.identity, ("random", "first"))
         _check_choice("data.cache", self.cache, ("auto", "memory", "mmap"))
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        for name in ("hflip", "motion_corrupt_prob", "motion_rollout_prob", "speaker_balance"):
+        for name in ("hflip", "motion_corrupt_prob", "motion_rollout_prob", "speaker_balance", "reframe"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("motion_noise", "motion_blur", "motion_color", "motion_shade", "motion_corrupt_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("reframe_scale", "reframe_shift"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"data.{name} must be in [0, 0.5), got {getattr(self, name)}")
         if not 0.0 <= self.sample_color < 1.0:
             raise ValueError(f"data.sample_color must be in [0, 1), got {self.sample_color}")
 
