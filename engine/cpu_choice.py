@@ -29,22 +29,16 @@ class Measured:
 
 
 # unet.onnx sha256 -> what passed. Filled from measurements only (see the module docstring).
-# Measured but not entered (2026-12-07): the talking demo (unet.onnx 47f8868d..., 0d922b1) passed the held-out
-# study at seeds 0-4 with OpenVINO int8 and bf16 (benchmarks/results/precision_parity_2026-12-07_s0-4.md); per frame
-# at 10 calls, 2 cores, load 2.7-3.0: int8 171 ms, bf16 204 ms, ONNX Runtime fp32 335 ms (cpu_engines_2026-12-07_t2).
-# The segfault that kept it out is understood and fixed (a second ov.Core in the process; openvino_.core()). Entered,
-# dh-serve on the demo (device auto) broke its own promise that a finished job's video equals a render of the same
-# request: tests/test_serve_production.py::test_a_render_job_is_submitted_polled_and_fetched differed by a few pixel
-# levels when run after test_replicas_sharing_a_video_dir_serve_each_others_links (two servers over one worker;
-# alone, or after any other test, it passed; every test passed with ONNX Runtime). The frames were equal (the
-# stream, the library and both renders); the mp4s were not: with OpenVINO loaded in that process, libx264 (PyAV)
-# encoded the same frames to different bytes from one thread to another and even twice in one thread (also with
-# x264 threads fixed at 1); without OpenVINO every encode was equal. OpenVINO's own calls were checked
-# deterministic (repeated, from fresh threads, under load, unaligned inputs). Cause not found. Enter it once that
-# is understood:
-# "47f8868d905cb3570ad6a2d8d82a97b192513338453e41debf0cbdc1149fefb3":
-#     Measured((("openvino", "int8"), ("openvino", "bf16")), "held-out parity at seeds 0-4"),
-PASSED: dict[str, Measured] = {}
+# The talking demo (unet.onnx 47f8868d..., 0d922b1) passed the held-out study at seeds 0-4 with OpenVINO int8 and bf16
+# (benchmarks/results/precision_parity_2026-12-07_s0-4.md); per frame at 10 calls, 2 cores, load 2.7-3.0: int8 171 ms,
+# bf16 204 ms, ONNX Runtime fp32 335 ms (cpu_engines_2026-12-07_t2). It waited on two things, both understood and
+# fixed: a second ov.Core in the process corrupted the heap (openvino_.core()), and with OpenVINO in dh-serve's process
+# the same frames encoded to different mp4 bytes. That was libx264's AVX-512 code reading memory nothing wrote
+# (issue #31, engine/video.py x264_asm): OpenVINO only changed what the heap held; x264 now runs without AVX-512.
+PASSED: dict[str, Measured] = {
+    "47f8868d905cb3570ad6a2d8d82a97b192513338453e41debf0cbdc1149fefb3":
+        Measured((("openvino", "int8"), ("openvino", "bf16")), "held-out parity at seeds 0-4"),
+}
 
 
 def choose(bundle: Path) -> tuple[str, str]:

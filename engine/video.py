@@ -14,10 +14,16 @@ at most ``AUDIO_CHUNK`` samples, the rest of a track longer than the video too. 
 written to a hidden temporary name in the target directory and renamed over the target with
 ``os.replace`` only when everything succeeded; on any exception (``KeyboardInterrupt`` included)
 the temporary file is removed and the target is left as it was.
+
+libx264 runs without its AVX-512 code (:func:`x264_asm`): on a CPU with AVX-512, x264 core 165 (PyAV 18's) encoded the
+same frames to different bytes depending on what the heap held before (issue #31).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
 import logging
 import os
 import queue
@@ -43,6 +49,56 @@ AUDIO_BIT_RATE = 64_000  # mono speech; AAC-LC at 16 kHz
 AUDIO_CHUNK = 1 << 14  # samples at most in one audio frame handed to the encoder
 QUEUE_FRAMES = 4  # frames waiting for MP4Writer's encoder thread at most (64x64 RGB: 12 KB each)
 _STOP = object()  # tells the encoder thread that no more frames come
+X264_CPU_AVX512 = 1 << 16  # x264.h's X264_CPU_AVX512 (1U<<16); non-x86 CPUs use low bits only
+# x264 builds (X264_BUILD, the number in x264_encoder_open_NNN) where that flag is asked for: from 152 (mid-2017,
+# about when x264's AVX-512 code came; older builds are left alone) to a bound that only keeps the search finite
+X264_FIRST_AVX512_BUILD, X264_LAST_BUILD = 152, 400
+
+
+# Issue #31: with libx264's AVX-512 code (PyAV 18.1's x264 core 165, AMD EPYC with AVX-512, 64x64 frames), the same
+# frames encoded to different bytes whenever the heap held something else before: with glibc's MALLOC_PERTURB_ at 1,
+# 77 and 200 the demo's frames gave three different mp4s, and 4 encodes in one process differed too (OpenVINO only
+# changed what the heap held; without it dh-serve's tests happened to meet the same bytes). With asm=0 (no SIMD) or
+# every instruction set up to AVX2 they gave one mp4 (at 64x64 the same as asm=0's). Its AVX-512 code reads memory
+# nothing wrote, apparently in the macroblock-tree lookahead: mbtree=0, rc-lookahead=0 or bframes=0 each hid it too.
+# Without AVX-512 x264 was as fast here (4-8 ms a 256x256 frame either way, 2 cores under load).
+@functools.cache
+def x264_asm() -> int | None:
+    """x264's own CPU detection less AVX-512, for its ``asm`` option; None where nothing needs to change (no AVX-512
+    here, an x264 before any AVX-512 code) or where this process's libx264 cannot be asked (one linked into
+    libavcodec; then x264 keeps AVX-512 and a warning says so)."""
+    lib = _libx264()
+    if lib is None:
+        log.warning("libx264 not found as its own library: its AVX-512 code stays on (encodes may differ, issue #31)")
+        return None
+    build = next((b for b in range(X264_FIRST_AVX512_BUILD, X264_LAST_BUILD)
+                  if hasattr(lib, f"x264_encoder_open_{b}")), None)
+    if build is None:
+        return None
+    lib.x264_cpu_detect.restype = ctypes.c_uint32
+    cpu = lib.x264_cpu_detect()
+    if not cpu & X264_CPU_AVX512:
+        return None
+    log.debug("libx264 (build %d) without AVX-512: asm=%#x instead of %#x", build, cpu & ~X264_CPU_AVX512, cpu)
+    return cpu & ~X264_CPU_AVX512
+
+
+def _libx264() -> ctypes.CDLL | None:
+    """The libx264 PyAV's libavcodec loaded (Linux: from the process's map; else the wheel's bundled copy), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = [line.split()[-1] for line in maps if "/libx264" in line]
+    except OSError:
+        here = Path(av.__file__).parent
+        paths = [p for d in (here / ".dylibs", here.parent / "av.libs") for p in glob.glob(str(d / "libx264*"))]
+    for path in dict.fromkeys(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if hasattr(lib, "x264_cpu_detect"):
+            return lib
+    return None
 
 
 class VideoError(ValueError):
@@ -279,7 +335,10 @@ class MP4Writer:
         os.close(fd)
         self._tmp = Path(tmp)
         self._container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
-        v = self._container.add_stream("libx264", rate=self.fps, options={"crf": str(self.crf), "preset": self.preset})
+        options = {"crf": str(self.crf), "preset": self.preset}
+        if (asm := x264_asm()) is not None:
+            options["x264-params"] = f"asm={asm}"
+        v = self._container.add_stream("libx264", rate=self.fps, options=options)
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.codec_context.time_base = 1 / self.fps
         self._vstream = v
