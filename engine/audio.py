@@ -10,7 +10,9 @@ Resampling is band-limited (``soxr``, high quality), never sample dropping. Chan
 Decoding, downmix and resampling go block by block (``BLOCK_FRAMES`` at the file's rate, soxr's streaming
 resampler, bit-identical to resampling the whole), so the one array that grows with the file's length is
 the 16 kHz mono result; ``max_decode_s`` stops the decoder near a bound (``dh-run --max-seconds``, the
-server's cap), whatever the file's length.
+server's cap), whatever the file's length. :class:`AudioFile` gives the same samples as blocks, as many times
+as asked, and :class:`AudioScan` checks them in one pass (what ``load_audio`` refuses, it refuses with the
+same message) without holding them unless they are short: long speech is never in memory whole.
 
 Frame counting follows the authors' windowing (see :func:`num_frames`): one audio embedding per
 25 fps video frame, ``n_frames = (n + 2560 - 3200) // 640 + 1`` at 16 kHz (200 for 8 s).
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +59,15 @@ def num_frames(n_samples: int, samples_per_frame: int = SAMPLE_RATE // FPS) -> i
 
 def check_silence(path: str | Path, samples: np.ndarray, mode: str = "warn") -> None:
     """What to do when ``samples`` peak below -80 dBFS: ``"warn"`` (log), ``"error"`` (AudioError) or ``"ignore"``."""
+    if mode != "ignore":  # the peak needs |samples|: a copy of them
+        check_peak(path, float(np.max(np.abs(samples))) if samples.size else None, mode)
+
+
+def check_peak(path: str | Path, peak: float | None, mode: str = "warn") -> None:
+    """``check_silence`` of samples whose absolute peak is ``peak`` (None: no samples)."""
     if mode not in ("warn", "error", "ignore"):
         raise ValueError(f"silence must be warn, error or ignore, got {mode!r}")
-    if mode == "ignore" or (samples.size and float(np.max(np.abs(samples))) >= SILENCE_PEAK):
+    if mode == "ignore" or (peak is not None and peak >= SILENCE_PEAK):
         return
     what = f"{path}: audio is silent (peak below -80 dBFS)"
     if mode == "error":
@@ -79,21 +88,84 @@ def load_audio(
     ``max_decode_s``: decode no more than about this many seconds (a server's cap: a 355 KB FLAC holds
     two hours of silence, 0.5 GB once decoded); the caller sees a longer file as more samples than that.
     """
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"{path}: file not found; check the path")
-    if not path.is_file():
-        raise AudioError(f"{path}: is not a file; give a path to an audio or video file")
+    path = _check_path(path)
     rate, blocks, expected = _open_blocks(path, max_decode_s)
     samples, n_in, bad = _resample_blocks(blocks, rate, sample_rate, expected)
-    if n_in == 0:
-        raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
-    if bad:  # NaN or infinite samples are a corrupt file (float wav): refused, not called silent or encoded
-        raise AudioError(f"{path}: {bad} of {n_in} samples are NaN or infinite (a corrupt float file); "
-                         "re-encode it or give another file")
-    _check_length(path, samples, sample_rate, fps)
+    _check_decoded(path, n_in, bad)
+    _check_length(path, samples.size, sample_rate, fps)
     check_silence(path, samples, silence)
     return samples, sample_rate
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """A speech file read block by block, as many times as asked: 16 kHz mono float32 blocks whose
+    concatenation is ``load_audio``'s samples, cut to the first ``max_seconds`` where given (the samples
+    ``load_audio(path, max_decode_s=max_seconds + DECODE_MARGIN_S)[0][:int(max_seconds * rate)]`` keeps)."""
+
+    path: Path
+    max_seconds: float | None = None
+    sample_rate: int = SAMPLE_RATE
+
+    def blocks(self, counts: list[int] | None = None) -> Iterator[np.ndarray]:
+        """The samples in blocks (nothing decoded before iterating). ``counts``, where given, is
+        ``[input samples decoded, non-finite ones among them, 16 kHz samples before the cut]``, updated as it goes."""
+        counts = [0, 0, 0] if counts is None else counts
+        path = _check_path(self.path)
+        cut = None if self.max_seconds is None else self.max_seconds + DECODE_MARGIN_S
+        rate, blocks, _ = _open_blocks(path, cut)
+        left = None if self.max_seconds is None else int(self.max_seconds * self.sample_rate)
+        for block in _resampled(blocks, rate, self.sample_rate, counts):
+            counts[2] += block.size
+            if left is not None:
+                block, left = block[:left], left - min(left, block.size)
+            if block.size:
+                yield block
+
+
+class AudioScan:
+    """One pass over an :class:`AudioFile` that checks it as ``load_audio`` does, without holding it.
+
+    Iterate it for the file's blocks (hand them on to a first encoder pass, or to nothing); then
+    :meth:`result` raises what ``load_audio`` would (no samples, NaN, shorter than a frame, silent per
+    ``silence``) and returns the samples whole where there are at most ``keep`` of them (None: any number),
+    else None: read those again from the file.
+    """
+
+    def __init__(self, source: AudioFile, keep: int | None = None, fps: int = FPS):
+        self.source, self.keep, self.fps = source, keep, fps
+        self.n = 0  # samples seen (after the cut)
+        self._counts = [0, 0, 0]
+        self._peak: float | None = None
+        self._whole: _Growing | None = _Growing(1 << 16)
+        self._done = False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for block in self.source.blocks(self._counts):
+            self.n += block.size
+            peak = float(np.max(np.abs(block)))
+            self._peak = peak if self._peak is None or not peak <= self._peak else self._peak
+            if self._whole is not None:
+                if self.keep is not None and self.n > self.keep:
+                    self._whole = None  # long: read again from the file when needed
+                else:
+                    self._whole.add(block)
+            yield block
+        self._done = True
+
+    def result(self, silence: str = "warn") -> np.ndarray | None:
+        """Check what was scanned (the whole file: reads what was not); the samples where kept, else None."""
+        if not self._done:
+            for _ in self:
+                pass
+        path, rate = self.source.path, self.source.sample_rate
+        _check_decoded(path, self._counts[0], self._counts[1])
+        _check_length(path, self._counts[2], rate, self.fps)  # the file's own length (before --max-seconds)
+        if self.n < rate // self.fps:
+            raise AudioError(f"{path}: --max-seconds {self.source.max_seconds} leaves less than one video frame "
+                             "of audio")
+        check_peak(path, self._peak, silence)
+        return None if self._whole is None else self._whole.result()
 
 
 def audio_seconds(path: str | Path) -> float | None:
@@ -116,6 +188,23 @@ def audio_seconds(path: str | Path) -> float | None:
             return container.duration / av.time_base if container.duration else None
     except (av.error.FFmpegError, UnicodeDecodeError):
         return None
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise AudioError(f"{path}: is not a file; give a path to an audio or video file")
+    return path
+
+
+def _check_decoded(path: Path, n_in: int, bad: int) -> None:
+    if n_in == 0:
+        raise AudioError(f"{path}: contains no audio samples (zero length); give a file with speech")
+    if bad:  # NaN or infinite samples are a corrupt file (float wav): refused, not called silent or encoded
+        raise AudioError(f"{path}: {bad} of {n_in} samples are NaN or infinite (a corrupt float file); "
+                         "re-encode it or give another file")
 
 
 def _open_blocks(path: Path, max_s: float | None = None) -> tuple[int, Iterator[np.ndarray], int | None]:
@@ -210,18 +299,25 @@ def _resample_blocks(blocks: Iterator[np.ndarray], rate: int, target: int,
     """Mono blocks at ``rate`` -> ``(samples at target, input samples seen, non-finite ones among them)``,
     through soxr's streaming resampler (the same samples as resampling the whole). ``expected``: the input's
     length where known, to size the result once."""
-    stream = None if rate == target or rate <= 0 else soxr.ResampleStream(rate, target, 1, dtype="float32",
-                                                                          quality="HQ")
     ratio = target / rate if rate > 0 else 1.0
     out = _Growing(int(expected * ratio) + 64 if expected else 1 << 16)
-    n_in = bad = 0
+    counts = [0, 0]
+    for x in _resampled(blocks, rate, target, counts):
+        out.add(x)
+    return out.result(), counts[0], counts[1]
+
+
+def _resampled(blocks: Iterable[np.ndarray], rate: int, target: int, counts: list[int]) -> Iterator[np.ndarray]:
+    """Mono blocks at ``rate`` -> blocks at ``target`` (soxr's streaming resampler: the same samples as resampling
+    the whole). ``counts[0]`` and ``counts[1]`` grow by the input samples seen and the non-finite ones among them."""
+    stream = None if rate == target or rate <= 0 else soxr.ResampleStream(rate, target, 1, dtype="float32",
+                                                                          quality="HQ")
     for block in blocks:
-        n_in += block.size
-        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
-        out.add(block if stream is None else stream.resample_chunk(block, last=False))
+        counts[0] += block.size
+        counts[1] += int(block.size - np.count_nonzero(np.isfinite(block)))
+        yield block if stream is None else stream.resample_chunk(block, last=False)
     if stream is not None:
-        out.add(stream.resample_chunk(np.zeros(0, np.float32), last=True))
-    return out.result(), n_in, bad
+        yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 class _Growing:
@@ -256,11 +352,11 @@ def check_max_seconds(max_seconds: float | None) -> None:
         raise AudioError(f"--max-seconds must be a positive number of seconds, got {max_seconds}")
 
 
-def _check_length(path: Path, samples: np.ndarray, sample_rate: int, fps: int) -> None:
+def _check_length(path: Path, n: int, sample_rate: int, fps: int) -> None:
     minimum = sample_rate // fps
-    if samples.size < minimum:
+    if n < minimum:
         raise AudioError(
-            f"{path}: audio is {samples.size} samples ({1000 * samples.size / sample_rate:.1f} ms) "
+            f"{path}: audio is {n} samples ({1000 * n / sample_rate:.1f} ms) "
             f"at {sample_rate} Hz, shorter than one video frame ({minimum} samples, "
             f"{1000 / fps:.0f} ms); give longer audio"
         )

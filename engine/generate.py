@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import Denoiser, graph_denoiser
-from .conditioning import MotionRing, audio_windows
+from .conditioning import MotionRing
 from .config import DiffusionConfig, ModelConfig, SamplerConfig
 from .noise import NoiseFn, as_noise_fn
 from .plan import FrameSteps, SamplingPlan, denoise_frame, frame_steps, make_plan, make_state, warm_start
@@ -209,16 +209,19 @@ class _HostFrames:
         return i, self.buffers[i % 2].clone()
 
 
-def _prepare_audio(audio_emb: list[torch.Tensor], window: int, device) -> tuple[torch.Tensor, list[int]]:
-    """Per-stream [N_b, D] embeddings -> one [B, N_max, 2w+1, D] window table on the device."""
-    lengths = [int(a.shape[0]) for a in audio_emb]
-    n_max = max(lengths)
-    table = []
-    for a in audio_emb:
-        w = audio_windows(a.to(device=device, dtype=torch.float32), window)
-        pad = w[-1:].expand(n_max - w.shape[0], *w.shape[1:])  # streams that ended repeat their last window
-        table.append(torch.cat([w, pad]))
-    return torch.stack(table), lengths
+class _AudioWindows:
+    """Per-stream [N_b, D] embeddings on the device; :meth:`fill` writes frame i's [B, 2w+1, D] windows (the rule of
+    ``conditioning.audio_windows``; a stream that ended repeats its last window). Gathered per frame, so memory is
+    the embeddings, not a window table 2w+1 times their size (30000 frames: 46 MB, not 230 MB and its copies)."""
+
+    def __init__(self, audio_emb: list[torch.Tensor], window: int, device):
+        self.streams = [a.to(device=device, dtype=torch.float32) for a in audio_emb]
+        self.lengths = [int(a.shape[0]) for a in audio_emb]
+        self.offsets = torch.arange(-window, window + 1, device=device)
+
+    def fill(self, out: torch.Tensor, i: int) -> None:
+        for b, (a, n) in enumerate(zip(self.streams, self.lengths)):
+            out[b].copy_(a[(self.offsets + min(i, n - 1)).clamp_(0, n - 1)])
 
 
 @torch.no_grad()
@@ -239,12 +242,12 @@ def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch
         raise ValueError(f"batch mismatch: {identity.shape[0]} identities, {len(streams)} audio streams, "
                          f"loop batch {config.batch}")
     loop = loop or FrameLoop(denoiser, config)
-    table, lengths = _prepare_audio(streams, denoiser.config.audio_window, denoiser.device)
+    windows = _AudioWindows(streams, denoiser.config.audio_window, denoiser.device)
     loop.video.start(identity, seed=seed, noise=noise)
     host = _HostFrames(loop.frame)
-    for i in range(max(lengths)):
+    for i in range(max(windows.lengths)):
         loop.video.draw_noise()
-        loop.audio.copy_(table[:, i])
+        windows.fill(loop.audio, i)
         loop.run_frame()
         host.push(i, loop.frame)
         if len(host.pending) > 1:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import DECODE_MARGIN_S, AudioError, check_max_seconds, check_silence, load_audio
+from .audio import AudioFile, AudioScan, check_max_seconds
 from .backends.base import BackendError, Denoiser
 from .config import RuntimeConfig, SamplerConfig
 from .generate import FrameLoop, LoopConfig, generate_frames
@@ -69,16 +69,25 @@ class RunStats:
 
 @dataclass(frozen=True)
 class Inputs:
-    """Prepared conditioning: identity [1,3,S,S] in [-1,1], 16 kHz samples, embeddings [N, D]."""
+    """Prepared conditioning: identity [1,3,S,S] in [-1,1], 16 kHz samples, embeddings [N, D].
+
+    ``samples`` is None where the speech was streamed (longer than the encoder takes whole: 30 s for Whisper);
+    ``speech`` then reads it again from its file, and :meth:`soundtrack` gives the samples either way.
+    """
 
     identity: torch.Tensor
-    samples: np.ndarray
+    samples: np.ndarray | None
     audio_emb: torch.Tensor
     stages: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per preparation stage
+    speech: AudioFile | None = field(default=None, compare=False)
 
     @property
     def n_frames(self) -> int:
         return int(self.audio_emb.shape[0])
+
+    def soundtrack(self) -> np.ndarray | Iterator[np.ndarray]:
+        """The 16 kHz samples: the array, or blocks read again from the file where they were streamed."""
+        return self.samples if self.samples is not None else self.speech.blocks()
 
 
 @dataclass(frozen=True)
@@ -182,10 +191,11 @@ class TalkingHead:
             t0 = time.perf_counter()
             identity = self._face(face, frame=frame, crop=crop, size=size)
             face_s = time.perf_counter() - t0
-            samples, emb, audio_stages = speech.result()
+            samples, emb, audio_stages, source = speech.result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a face error does not wait for the encoder
-        return Inputs(identity=identity, samples=samples, audio_emb=emb, stages={"face": face_s, **audio_stages})
+        return Inputs(identity=identity, samples=samples, audio_emb=emb, stages={"face": face_s, **audio_stages},
+                      speech=None if samples is not None else source)
 
     def _face(self, face: str | Path, *, frame: int, crop: str, size: int) -> torch.Tensor:
         """``load_face`` with this head's landmarker (one graph per head, one crop at a time)."""
@@ -200,20 +210,25 @@ class TalkingHead:
             return load_face(face, frame=frame, crop=crop, size=size, landmarker=self._landmarker)
 
     def _speech(self, audio: str | Path, max_seconds: float | None, allow_silence: bool
-                ) -> tuple[np.ndarray, torch.Tensor, dict[str, float]]:
-        """Load + resample the speech (``max_seconds`` of it) and encode it: (samples, [N, D] embeddings, stages)."""
+                ) -> tuple[np.ndarray | None, torch.Tensor, dict[str, float], AudioFile]:
+        """Load + resample the speech (``max_seconds`` of it) and encode it: (samples or None where streamed,
+        [N, D] embeddings, stages, the speech's file).
+
+        One pass checks the file and, for an encoder that streams (``first_pass``/``encode_blocks``), takes what
+        its first pass needs; speech longer than the encoder takes whole (``max_whole_samples``) is not kept but
+        read again for the second pass (and the mp4's soundtrack), so memory does not grow with its length.
+        ``audio_load`` is that first pass, ``audio_encode`` the encoding.
+        """
         t1 = time.perf_counter()
         # --max-seconds decodes only that much (+ the resampler's look-ahead, so the kept samples are the same)
-        samples, rate = load_audio(audio, silence="ignore",
-                                   max_decode_s=None if max_seconds is None else max_seconds + DECODE_MARGIN_S)
-        if max_seconds is not None:
-            samples = samples[: int(max_seconds * rate)]
-            if samples.size < rate // 25:
-                raise AudioError(f"{audio}: --max-seconds {max_seconds} leaves less than one video frame of audio")
-        check_silence(audio, samples, "warn" if allow_silence else "error")
+        source = AudioFile(Path(audio), max_seconds)
+        streams = callable(getattr(self.encoder, "encode_blocks", None))
+        scan = AudioScan(source, keep=self.encoder.max_whole_samples if streams else None)
+        first = self.encoder.first_pass(scan) if streams else None
+        samples = scan.result("warn" if allow_silence else "error")
         t2 = time.perf_counter()
-        emb = self.encoder(samples)
-        return samples, emb, {"audio_load": t2 - t1, "audio_encode": time.perf_counter() - t2}
+        emb = self.encoder(samples) if samples is not None else self.encoder.encode_blocks(source.blocks(), first)
+        return samples, emb, {"audio_load": t2 - t1, "audio_encode": time.perf_counter() - t2}, source
 
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
                noise: torch.Tensor | NoiseFn | None = None) -> Iterator[np.ndarray]:
@@ -290,7 +305,7 @@ class TalkingHead:
         lat: list[float] = []
         t0 = last = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(MP4Writer(r.out, fps=fps, audio=x.samples,
+            writers = [stack.enter_context(MP4Writer(r.out, fps=fps, audio=x.soundtrack(),
                                                      sample_rate=self.info.audio.sample_rate))
                        for r, x in zip(requests, inputs)]
             for i, imgs in enumerate(self.frames_batch(inputs, sampler=samplers.pop(),

@@ -52,15 +52,14 @@ def traced(fn):
 
 
 def counting(monkeypatch) -> list[int]:
-    """Spy on the resampler: the number of samples (at the file's rate) each load decoded."""
-    seen, real = [], audio_mod._resample_blocks
+    """Spy on the resampler: the number of samples (at the file's rate) each read of the file decoded."""
+    seen, real = [], audio_mod._resampled
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.append(out[1])
-        return out
+    def spy(blocks, rate, target, counts):
+        yield from real(blocks, rate, target, counts)
+        seen.append(counts[0])
 
-    monkeypatch.setattr(audio_mod, "_resample_blocks", spy)
+    monkeypatch.setattr(audio_mod, "_resampled", spy)
     return seen
 
 

