@@ -12,8 +12,11 @@ loop never asks which backend it holds.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -209,48 +212,141 @@ class _HostFrames:
         return i, self.buffers[i % 2].clone()
 
 
-class _AudioWindows:
-    """Per-stream [N_b, D] embeddings on the device; :meth:`fill` writes frame i's [B, 2w+1, D] windows (the rule of
-    ``conditioning.audio_windows``; a stream that ended repeats its last window). Gathered per frame, so memory is
-    the embeddings, not a window table 2w+1 times their size (30000 frames: 46 MB, not 230 MB and its copies)."""
+class _RowFeed:
+    """A :class:`~dheads.engine.encoders.StreamedRows` read forward by a frame loop: a producer thread
+    (``dh-encode``) runs ``rows.batches()`` and hands each batch over; :meth:`rows` gives rows ``a..b`` (waiting
+    for the batches that hold them) and lets go of the batches wholly before ``a``, so what is held is the batches
+    under the current window, plus what is queued.
 
-    def __init__(self, audio_emb: list[torch.Tensor], window: int, device):
-        self.streams = [a.to(device=device, dtype=torch.float32) for a in audio_emb]
-        self.lengths = [int(a.shape[0]) for a in audio_emb]
+    The producer encodes a batch only when it holds a permit: one per batch the frame loop asks for, plus
+    ``ahead`` at the start. ``ahead`` 0: encoding runs only while the frame loop waits for it (no overlap, no
+    oversubscribed cores); ``ahead`` k: up to k batches beyond what has been asked for, overlapping the UNet calls.
+    A producer's error is raised here, as it was raised there; :meth:`close` stops the producer (it finishes the
+    batch it is encoding, if any) and closes its reading of the file."""
+
+    _END = object()
+
+    def __init__(self, rows, device, ahead: int = 0):
+        self.n, self.device = int(rows.n), device
+        self.held: collections.deque[tuple[int, torch.Tensor]] = collections.deque()  # (first row, rows)
+        self.received = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._permits = threading.Semaphore(max(0, int(ahead)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(rows,), name="dh-encode", daemon=True)
+        self._thread.start()
+
+    def _produce(self, rows) -> None:
+        batches = None
+        try:
+            batches = rows.batches()
+            while True:
+                self._permits.acquire()
+                if self._stop.is_set():
+                    return
+                batch = next(batches, self._END)
+                self._queue.put(batch)
+                if batch is self._END:
+                    return
+        except BaseException as e:  # noqa: BLE001 (handed to the frame loop, which raises it)
+            self._queue.put(e)
+        finally:
+            if batches is not None and hasattr(batches, "close"):
+                batches.close()
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a..b`` (end exclusive, ``0 <= a < b <= n``); nothing before ``a`` is asked for again."""
+        while self.received < b:
+            self._permits.release()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is self._END:
+                from .encoders import EncoderError
+
+                raise EncoderError(f"the audio encoder gave {self.received} rows for {self.n} frames")
+            self.held.append((self.received, item.to(self.device, torch.float32)))
+            self.received += int(item.shape[0])
+        while self.held and self.held[0][0] + self.held[0][1].shape[0] <= a:
+            self.held.popleft()
+        parts = [t[max(0, a - s) : b - s] for s, t in self.held if s < b and s + t.shape[0] > a]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._permits.release()
+        self._thread.join()
+
+
+class _AudioWindows:
+    """Per-stream [N_b, D] embeddings; :meth:`fill` writes frame i's [B, 2w+1, D] windows (the rule of
+    ``conditioning.audio_windows``; a stream that ended repeats its last window). Gathered per frame, so memory is
+    the embeddings, not a window table 2w+1 times their size (30000 frames: 46 MB, not 230 MB and its copies).
+
+    A stream given as ``StreamedRows`` (``TalkingHead.prepare(stream=True)``) is read through a :class:`_RowFeed`
+    (``ahead`` as there): frame i waits only for the batch that holds row i+w, and rows behind i-w are let go.
+    :meth:`close` stops the feeds' producers."""
+
+    def __init__(self, audio_emb: list, window: int, device, ahead: int = 0):
         self.offsets = torch.arange(-window, window + 1, device=device)
+        self.window = window
+        self.lengths = [int(a.shape[0]) for a in audio_emb]
+        self.streams: list[torch.Tensor | _RowFeed] = []
+        try:
+            for a in audio_emb:
+                self.streams.append(a.to(device=device, dtype=torch.float32) if isinstance(a, torch.Tensor)
+                                    else _RowFeed(a, device, ahead))
+        except BaseException:
+            self.close()
+            raise
 
     def fill(self, out: torch.Tensor, i: int) -> None:
         for b, (a, n) in enumerate(zip(self.streams, self.lengths)):
-            out[b].copy_(a[(self.offsets + min(i, n - 1)).clamp_(0, n - 1)])
+            c = min(i, n - 1)
+            if isinstance(a, _RowFeed):
+                lo, hi = max(0, c - self.window), min(n, c + self.window + 1)
+                out[b].copy_(a.rows(lo, hi)[(self.offsets + c).clamp_(0, n - 1) - lo])
+            else:
+                out[b].copy_(a[(self.offsets + c).clamp_(0, n - 1)])
+
+    def close(self) -> None:
+        for a in self.streams:
+            if isinstance(a, _RowFeed):
+                a.close()
 
 
 @torch.no_grad()
-def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb: torch.Tensor | list[torch.Tensor], *,
+def generate_frames(denoiser: Denoiser, identity: torch.Tensor, audio_emb, *,
                     config: LoopConfig | None = None, seed: int | Sequence[int] = 0,
-                    noise: torch.Tensor | NoiseFn | None = None, loop: FrameLoop | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    noise: torch.Tensor | NoiseFn | None = None, loop: FrameLoop | None = None,
+                    encode_ahead: int = 0) -> Iterator[torch.Tensor]:
     """Yield frames [B, 3, H, W] (CPU, float32, [-1, 1]) one video frame at a time, as they are made.
 
-    identity: [B, 3, H, W] in [-1, 1]; audio_emb: [N, D] (B = 1) or a list of B per-stream [N_b, D].
+    identity: [B, 3, H, W] in [-1, 1]; audio_emb: [N, D] (B = 1) or a list of B per-stream [N_b, D]; a stream may
+    be a ``StreamedRows`` (encoded on a thread as its frames need it, ``encode_ahead`` batches ahead; see
+    ``_RowFeed``: the same frames, and closing this generator stops the encoding).
     Streams shorter than the longest keep running on their last audio window; trim with their length.
     seed: one for the batch's noise, or one per stream (each stream's noise as alone with its seed).
     noise: None (seeded), a tensor [N, 1 + steps, B, 3, H, W], or ``fn(i, out)`` filling frame i's buffer.
     """
-    streams = [audio_emb] if isinstance(audio_emb, torch.Tensor) else list(audio_emb)
+    streams = list(audio_emb) if isinstance(audio_emb, (list, tuple)) else [audio_emb]
     config = config or LoopConfig(batch=len(streams))
     if identity.shape[0] != len(streams) or config.batch != len(streams):
         raise ValueError(f"batch mismatch: {identity.shape[0]} identities, {len(streams)} audio streams, "
                          f"loop batch {config.batch}")
     loop = loop or FrameLoop(denoiser, config)
-    windows = _AudioWindows(streams, denoiser.config.audio_window, denoiser.device)
-    loop.video.start(identity, seed=seed, noise=noise)
-    host = _HostFrames(loop.frame)
-    for i in range(max(windows.lengths)):
-        loop.video.draw_noise()
-        windows.fill(loop.audio, i)
-        loop.run_frame()
-        host.push(i, loop.frame)
-        if len(host.pending) > 1:
+    windows = _AudioWindows(streams, denoiser.config.audio_window, denoiser.device, encode_ahead)
+    try:
+        loop.video.start(identity, seed=seed, noise=noise)
+        host = _HostFrames(loop.frame)
+        for i in range(max(windows.lengths)):
+            loop.video.draw_noise()
+            windows.fill(loop.audio, i)
+            loop.run_frame()
+            host.push(i, loop.frame)
+            if len(host.pending) > 1:
+                yield host.pop()[1]
+        while host.pending:
             yield host.pop()[1]
-    while host.pending:
-        yield host.pop()[1]
+    finally:
+        windows.close()

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioFile, AudioScan, check_max_seconds
+from .audio import AudioFile, AudioScan, check_max_seconds, num_frames
 from .backends.base import BackendError, Denoiser
 from .config import RuntimeConfig, SamplerConfig
+from .encoders import StreamedRows
 from .generate import FrameLoop, LoopConfig, generate_frames
 from .image import load_face, to_uint8_frames
 from .noise import NoiseFn
@@ -73,11 +74,13 @@ class Inputs:
 
     ``samples`` is None where the speech was streamed (longer than the encoder takes whole: 30 s for Whisper);
     ``speech`` then reads it again from its file, and :meth:`soundtrack` gives the samples either way.
+    ``audio_emb`` is then, where ``prepare(stream=True)`` asked, a :class:`~dheads.engine.encoders.StreamedRows`
+    (``n_frames`` known, the rows encoded while the frames are made; ``.whole()`` gives them all).
     """
 
     identity: torch.Tensor
     samples: np.ndarray | None
-    audio_emb: torch.Tensor
+    audio_emb: torch.Tensor | StreamedRows
     stages: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per preparation stage
     speech: AudioFile | None = field(default=None, compare=False)
 
@@ -131,6 +134,7 @@ class TalkingHead:
         self._lock = threading.Lock()
         self._landmarker = None  # the face crop's MediaPipe graph, made by the first prepare and kept
         self._face_lock = threading.Lock()
+        self.encode_ahead = 0  # batches of streamed speech encoded ahead of the frames (open() decides: _encode_ahead)
 
     @classmethod
     def open(cls, engine: str | Path | None = None, runtime: RuntimeConfig | None = None,
@@ -171,11 +175,18 @@ class TalkingHead:
             raise BackendError(f"{path}: model expects {info.model.audio_dim}-d audio features but the "
                                f"{info.audio.encoder} encoder gives {encoder.dim}-d; this engine was built for "
                                f"another audio encoder")
-        return cls(denoiser, info, encoder, rt)
+        head = cls(denoiser, info, encoder, rt)
+        head.encode_ahead = _encode_ahead(rt.threads, policy.onnxruntime, denoiser.device)
+        return head
 
     def prepare(self, face: str | Path, audio: str | Path, *, crop: str = "auto", frame: int = 0,
-                max_seconds: float | None = None, allow_silence: bool = False) -> Inputs:
+                max_seconds: float | None = None, allow_silence: bool = False, stream: bool = False) -> Inputs:
         """Load and crop the face, load + resample the speech, and encode it to per-frame embeddings.
+
+        ``stream``: speech the encoder streams (longer than one Whisper window) is checked and its length known,
+        but not encoded here: ``audio_emb`` is a ``StreamedRows`` the frame loop encodes batch by batch as its
+        frames need it (the first frame waits for the first batch of windows, not all of them; rows behind the
+        frames are let go). Its frames are those of ``stream=False``, which encodes all the rows here.
 
         The speech is loaded and encoded on a thread while the face is cropped (both wait on native code that
         releases the GIL); the face's errors come first, as before. The face landmarker is made once per head
@@ -187,7 +198,7 @@ class TalkingHead:
         size = self.info.model.image_size
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dh-audio")
         try:
-            speech = pool.submit(self._speech, audio, max_seconds, allow_silence)
+            speech = pool.submit(self._speech, audio, max_seconds, allow_silence, stream)
             t0 = time.perf_counter()
             identity = self._face(face, frame=frame, crop=crop, size=size)
             face_s = time.perf_counter() - t0
@@ -209,33 +220,39 @@ class TalkingHead:
                 weakref.finalize(self, self._landmarker.close)
             return load_face(face, frame=frame, crop=crop, size=size, landmarker=self._landmarker)
 
-    def _speech(self, audio: str | Path, max_seconds: float | None, allow_silence: bool
-                ) -> tuple[np.ndarray | None, torch.Tensor, dict[str, float], AudioFile]:
+    def _speech(self, audio: str | Path, max_seconds: float | None, allow_silence: bool, stream: bool = False
+                ) -> tuple[np.ndarray | None, torch.Tensor | StreamedRows, dict[str, float], AudioFile]:
         """Load + resample the speech (``max_seconds`` of it) and encode it: (samples or None where streamed,
         [N, D] embeddings, stages, the speech's file).
 
-        One pass checks the file and, for an encoder that streams (``first_pass``/``encode_blocks``), takes what
+        One pass checks the file and, for an encoder that streams (``first_pass``/``encode_batches``), takes what
         its first pass needs; speech longer than the encoder takes whole (``max_whole_samples``) is not kept but
         read again for the second pass (and the mp4's soundtrack), so memory does not grow with its length.
-        ``audio_load`` is that first pass, ``audio_encode`` the encoding.
+        ``audio_load`` is that first pass, ``audio_encode`` the encoding (0 where ``stream`` leaves it to the frames).
         """
         t1 = time.perf_counter()
         # --max-seconds decodes only that much (+ the resampler's look-ahead, so the kept samples are the same)
         source = AudioFile(Path(audio), max_seconds)
-        streams = callable(getattr(self.encoder, "encode_blocks", None))
+        streams = callable(getattr(self.encoder, "encode_batches", None))
         scan = AudioScan(source, keep=self.encoder.max_whole_samples if streams else None)
         first = self.encoder.first_pass(scan) if streams else None
         samples = scan.result("warn" if allow_silence else "error")
         t2 = time.perf_counter()
-        emb = self.encoder(samples) if samples is not None else self.encoder.encode_blocks(source.blocks(), first)
+        if samples is not None:
+            emb = self.encoder(samples)
+        else:
+            rows = StreamedRows(num_frames(first.n_samples, self.encoder.config.samples_per_frame), self.encoder.dim,
+                                lambda: self.encoder.encode_batches(source.blocks(), first))
+            emb = rows if stream else rows.whole()
         return samples, emb, {"audio_load": t2 - t1, "audio_encode": time.perf_counter() - t2}, source
 
     def frames(self, inputs: Inputs, *, sampler: SamplerConfig | None = None, seed: int = 0,
                noise: torch.Tensor | NoiseFn | None = None) -> Iterator[np.ndarray]:
         """Yield uint8 frames [S, S, 3] in order as they are generated (streaming). ``sampler`` None: the
         engine's recorded sampler and steps (``default_sampler``)."""
-        for imgs in self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise):
-            yield imgs[0]
+        with contextlib.closing(self.frames_batch([inputs], sampler=sampler, seeds=[seed], noise=noise)) as frames:
+            for imgs in frames:
+                yield imgs[0]
 
     @property
     def default_sampler(self) -> SamplerConfig:
@@ -275,9 +292,10 @@ class TalkingHead:
                          cuda_graph=self.runtime.cuda_graph, diffusion=self.info.diffusion)
         seeds = list(seeds) if seeds is not None else [0] * len(inputs)  # one per stream: each as alone
         identity = torch.cat([x.identity for x in inputs]).to(self.denoiser.device)
-        with self._checkout(cfg) as loop:
-            for x in generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg,
-                                     seed=seeds, noise=noise, loop=loop):
+        with self._checkout(cfg) as loop, contextlib.closing(
+                generate_frames(self.denoiser, identity, [x.audio_emb for x in inputs], config=cfg, seed=seeds,
+                                noise=noise, loop=loop, encode_ahead=self.encode_ahead)) as frames:
+            for x in frames:
                 yield to_uint8_frames(x)
 
     def render_batch(self, requests: Sequence[RenderRequest], *, noise: torch.Tensor | NoiseFn | None = None,
@@ -299,7 +317,7 @@ class TalkingHead:
             check_output(r.out, inputs=(r.face, r.audio))
         t_prep = time.perf_counter()
         inputs = [self.prepare(r.face, r.audio, crop=r.crop, frame=r.frame, max_seconds=r.max_seconds,
-                               allow_silence=r.allow_silence) for r in requests]
+                               allow_silence=r.allow_silence, stream=True) for r in requests]
         prepare_s = time.perf_counter() - t_prep
         fps, total = self.info.audio.fps, max(x.n_frames for x in inputs)
         lat: list[float] = []
@@ -308,8 +326,9 @@ class TalkingHead:
             writers = [stack.enter_context(MP4Writer(r.out, fps=fps, audio=x.soundtrack(),
                                                      sample_rate=self.info.audio.sample_rate))
                        for r, x in zip(requests, inputs)]
-            for i, imgs in enumerate(self.frames_batch(inputs, sampler=samplers.pop(),
-                                                       seeds=[r.seed for r in requests], noise=noise)):
+            frames = stack.enter_context(contextlib.closing(self.frames_batch(
+                inputs, sampler=samplers.pop(), seeds=[r.seed for r in requests], noise=noise)))
+            for i, imgs in enumerate(frames):
                 for b, (w, x) in enumerate(zip(writers, inputs)):
                     if i < x.n_frames:
                         w.write(imgs[b])
@@ -328,3 +347,15 @@ class TalkingHead:
         """Write ``request.out`` (H.264 + AAC, 25 fps): ``render_batch`` of this one video. Nothing exists at
         ``out`` unless the whole run succeeded."""
         return self.render_batch([request], noise=noise, on_frame=on_frame)
+
+
+def _encode_ahead(threads: int | None, unet_threads: int, device: torch.device) -> int:
+    """Batches of streamed speech the encoder may run ahead of the frames (``_RowFeed``), by the thread policy:
+    2 when the UNet runs off the CPU; on the CPU 1 where the cores hold both engines' threads (the encoder has as
+    many as the UNet's engine), else 0: auto threads (``threads`` None) are all the free cores, and an encoder
+    overlapping the UNet would oversubscribe them, so it encodes while the frame loop waits for it."""
+    from . import threads as thread_policy
+
+    if device.type != "cpu":
+        return 2
+    return 1 if threads and thread_policy.usable_cores() >= 2 * unet_threads else 0

@@ -142,3 +142,130 @@ def test_frame_windows_gathered_per_frame_are_the_tables(monkeypatch):
     for i in range(9):
         windows.fill(out, i)
         assert torch.equal(out[0], wa[i]) and torch.equal(out[1], wb[min(i, 3)])  # b ended: its last window
+
+
+# The frame loop encodes streamed speech as its frames need it (issue 30: a frame before every window is encoded,
+# and no more rows held than the frames' windows reach).
+
+def _spied_rows(emb: torch.Tensor, size: int, events: list, fail_at: int | None = None):
+    """``StreamedRows`` of ``emb`` in batches of ``size`` rows that records when each batch is made (and closed)."""
+    from dheads.engine.encoders import EncoderError, StreamedRows
+
+    def batches():
+        try:
+            for k, a in enumerate(range(0, emb.shape[0], size)):
+                if k == fail_at:
+                    raise EncoderError(f"speech.wav: audio is corrupt at batch {k}; re-encode or give another file")
+                events.append(("batch", k))
+                yield emb[a : a + size].clone()
+        finally:
+            events.append(("closed", None))
+
+    return StreamedRows(emb.shape[0], emb.shape[1], batches)
+
+
+@pytest.fixture(scope="module")
+def small_loop():
+    from dheads.engine.backends.pytorch import TorchDenoiser
+    from dheads.engine.config import SMALL, SamplerConfig
+    from dheads.engine.generate import LoopConfig
+    from dheads.engine.model import random_unet
+
+    g = torch.Generator().manual_seed(4)
+    return (TorchDenoiser(random_unet(SMALL, std=0.05)), LoopConfig(sampler=SamplerConfig("ddim", 2)),
+            torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(60, 32, generator=g))
+
+
+def _dh_encode_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "dh-encode" and t.is_alive()]
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_the_first_frame_comes_before_the_last_batch_is_encoded(small_loop, ahead):
+    """The same frames as from the whole embeddings; frame 0 is made once the first batch of rows is there."""
+    from dheads.engine.generate import generate_frames
+
+    den, cfg, ident, emb = small_loop
+    want = list(generate_frames(den, ident, emb, config=cfg, seed=2))
+    events: list = []
+    got = []
+    for i, x in enumerate(generate_frames(den, ident, _spied_rows(emb, 10, events), config=cfg, seed=2,
+                                          encode_ahead=ahead)):
+        events.append(("frame", i))
+        got.append(x)
+    assert len(got) == 60 and all(torch.equal(a, b) for a, b in zip(got, want))
+    order = [e for e in events if e[0] != "closed"]
+    assert order.index(("frame", 0)) < order.index(("batch", 5))
+    # batch k is made once frame 10k - 2 needs row 10k (its window reaches 2 ahead), or `ahead` batches earlier;
+    # frame j is handed out once frame j + 1 is made (the copy back to the host overlaps the next frame)
+    for k in range(1 + ahead, 6):
+        assert order.index(("batch", k)) > order.index(("frame", 10 * (k - ahead) - 4)), (k, order)
+    assert ("closed", None) in events and not _dh_encode_threads()
+
+
+def test_rows_behind_the_window_are_let_go(small_loop, monkeypatch):
+    from dheads.engine import generate
+
+    den, cfg, ident, emb = small_loop
+    held = []
+    rows = generate._RowFeed.rows
+
+    def spy(self, a, b):
+        out = rows(self, a, b)
+        held.append(sum(t.shape[0] for _, t in self.held))
+        return out
+
+    monkeypatch.setattr(generate._RowFeed, "rows", spy)
+    frames = list(generate.generate_frames(den, ident, _spied_rows(emb, 7, []), config=cfg, seed=2))
+    assert len(frames) == 60 and len(held) == 60
+    assert max(held) <= 14 and held[-1] <= 14  # the batches under a 5-row window: two of 7 rows, of 60 rows
+
+
+def test_an_encoder_error_in_the_frame_loop_is_its_own_line(small_loop):
+    from dheads.engine.encoders import EncoderError
+    from dheads.engine.generate import generate_frames
+
+    den, cfg, ident, emb = small_loop
+    events: list = []
+    made = []
+    with pytest.raises(EncoderError, match=r"^speech\.wav: audio is corrupt at batch 2; re-encode or give another "
+                                           r"file$"):
+        for x in generate_frames(den, ident, _spied_rows(emb, 10, events, fail_at=2), config=cfg, seed=2,
+                                 encode_ahead=1):
+            made.append(x)
+    assert 10 <= len(made) < 20 and not _dh_encode_threads()
+
+
+def test_closing_the_frames_stops_the_encoder(small_loop):
+    """Ctrl-C in dh-run or a server's cancel ends the frame generator: the producer stops and closes its file."""
+    from dheads.engine.generate import generate_frames
+
+    den, cfg, ident, emb = small_loop
+    events: list = []
+    frames = generate_frames(den, ident, _spied_rows(emb, 10, events), config=cfg, seed=2, encode_ahead=1)
+    for _ in range(3):
+        next(frames)
+    frames.close()
+    assert not _dh_encode_threads() and events[-1] == ("closed", None)
+    assert max(k for e, k in events if e == "batch") <= 2  # the first batch, and at most ahead + 1 more
+
+
+def test_dh_run_encodes_long_speech_while_making_frames(speech70, tmp_path):
+    """``prepare(stream=True)`` (what render uses) leaves the rows to the frame loop: the same rows and frames."""
+    from dheads.engine.encoders import StreamedRows
+    from dheads.engine.pipeline import TalkingHead
+
+    wav = tmp_path / "long.wav"
+    sf.write(wav, speech70, 16000, subtype="FLOAT")
+    head = TalkingHead.open(threads=1, device="cpu", backend="onnxruntime")
+    whole = head.prepare(FACE, wav)
+    streamed = head.prepare(FACE, wav, stream=True)
+    assert isinstance(streamed.audio_emb, StreamedRows) and streamed.n_frames == whole.n_frames == 1750
+    assert torch.equal(streamed.audio_emb.whole(), whole.audio_emb)
+    sampler = head.default_sampler.override(steps=1)
+    for a, b in zip(head.frames(whole, sampler=sampler), head.frames(streamed, sampler=sampler)):
+        assert np.array_equal(a, b)
+        break  # the first frames: the encoding of every batch is compared above
+    assert not _dh_encode_threads()

@@ -11,8 +11,10 @@ row ``i`` conditions video frame ``i`` whichever encoder made it.
 
 An encoder may also stream (Whisper does): ``max_whole_samples`` (the longest clip it takes whole),
 ``first_pass(blocks) -> FirstPass`` and ``encode_blocks(blocks, first) -> Tensor``, two reads of the clip's
-blocks that give the rows ``encoder(samples)`` gives. ``TalkingHead.prepare`` then never holds longer speech
-whole; an encoder without them (SDA) gets the whole waveform.
+blocks that give the rows ``encoder(samples)`` gives, and ``encode_batches(blocks, first)``, the second read's
+rows batch by batch. ``TalkingHead.prepare`` then never holds longer speech whole, and with ``stream=True`` (dh-run)
+not its embeddings either: :class:`StreamedRows` encodes them while the frames are made. An encoder without them
+(SDA) gets the whole waveform.
 
 Submodules are imported lazily so that ``import dheads.engine.encoders`` needs neither
 ctranslate2 nor a TorchScript file.
@@ -21,6 +23,8 @@ ctranslate2 nor a TorchScript file.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -29,7 +33,7 @@ import torch
 
 from dheads.engine.config import AudioConfig
 
-__all__ = ["AudioEncoder", "EncoderError", "ENCODERS", "default_audio_config", "load_encoder"]
+__all__ = ["AudioEncoder", "EncoderError", "ENCODERS", "StreamedRows", "default_audio_config", "load_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,31 @@ class AudioEncoder(Protocol):
     def __call__(self, samples: np.ndarray) -> torch.Tensor:
         """``samples [n]`` float32 mono at ``config.sample_rate`` -> ``[num_frames(n), dim]`` float32."""
         ...
+
+
+@dataclass(frozen=True)
+class StreamedRows:
+    """Per-frame embeddings ``[n, dim]`` not yet made: ``batches()`` encodes them afresh each call, in order, one
+    ``[k, dim]`` float32 CPU tensor per batch of windows (``n`` rows in all). The frame loop takes rows as its
+    frames need them (``generate_frames``) and lets go of those behind; :meth:`whole` is all of them at once."""
+
+    n: int
+    dim: int
+    batches: Callable[[], Iterator[torch.Tensor]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.dim)
+
+    def whole(self) -> torch.Tensor:
+        """All ``[n, dim]`` rows (the encoder's whole-clip rows, bit for bit)."""
+        out, done = torch.empty(self.n, self.dim), 0
+        for rows in self.batches():
+            out[done : done + rows.shape[0]] = rows
+            done += rows.shape[0]
+        if done != self.n:
+            raise EncoderError(f"the audio encoder gave {done} rows for {self.n} frames")
+        return out
 
 
 def load_encoder(config: AudioConfig, path: str | Path | None = None) -> AudioEncoder:

@@ -24,7 +24,8 @@ only its centre (the first keeps its start, the last its end), so every kept row
 ``margin`` of context on both sides (see :func:`chunk_plan`). The log-mel is computed once over the
 whole clip (as Whisper's ``transcribe`` does) and sliced per window.
 
-Streamed (:meth:`WhisperEncoder.first_pass` then :meth:`WhisperEncoder.encode_blocks`): the same rows from
+Streamed (:meth:`WhisperEncoder.first_pass` then :meth:`WhisperEncoder.encode_blocks`, or
+:meth:`WhisperEncoder.encode_batches` for the rows batch by batch): the same rows from
 the clip in blocks, read twice, never whole. Pass 1 takes the log-mel's maximum (the clamp's ``max - 8``
 is over the whole clip) over the STFT frames of consecutive pieces that overlap by a frame's width, so each
 mel frame is the one the whole clip gives; pass 2 computes the log-mel of each batch of windows (the same
@@ -332,28 +333,44 @@ class WhisperEncoder:
 
     def encode_blocks(self, blocks: Iterable[np.ndarray], first: FirstPass) -> torch.Tensor:
         """Pass 2: the clip's blocks again -> ``[num_frames(n), dim]``, the rows :meth:`__call__` gives on the
-        whole clip, holding one batch of windows at a time."""
+        whole clip, holding one batch of windows at a time and all the rows (:meth:`encode_batches` gives them batch
+        by batch)."""
+        n = num_frames(first.n_samples, self._config.samples_per_frame)
+        out, done = torch.empty(n, self.dim), 0
+        for rows in self.encode_batches(blocks, first):
+            out[done : done + rows.shape[0]] = rows
+            done += rows.shape[0]
+        return out
+
+    def encode_batches(self, blocks: Iterable[np.ndarray], first: FirstPass) -> Iterator[torch.Tensor]:
+        """Pass 2, batch by batch: the rows of :meth:`encode_blocks` in order, one ``[k, dim]`` tensor per batch of
+        windows (``num_frames(n)`` rows in all: the last batch trimmed, or padded with its last row, as
+        :meth:`__call__` fits them). Nothing is read or encoded before iterating; closing it closes the file."""
         n = num_frames(first.n_samples, self._config.samples_per_frame)
         if n == 0:
-            return torch.zeros(0, self.dim)
+            return
         plan = chunk_plan(n, self.window, self.margin)
         log.debug("Whisper (streamed): %d rows in %d window(s)", n, len(plan))
         clip = _PaddedClip(blocks, self._mel_length)
         reader, filters = _Reader(clip), torch.from_numpy(mel_filters(self.model.n_mels))
         mel_per_row = self._config.samples_per_frame // HOP
-        out = torch.empty(n, self.dim)
-        done = 0
-        for batch in _batches(plan, self.batch_size):
+        batches, done, last = _batches(plan, self.batch_size), 0, None
+        for k, batch in enumerate(batches):
             s0, s1 = batch[0].start * mel_per_row, batch[-1].start * mel_per_row + WINDOW_MEL
             seg = reader.read(s0 * HOP, (s1 - 1) * HOP + N_FFT)
             mel = _scaled(log_spec_frames(seg, filters), first.peak)
-            rows = self._rows(mel, batch, offset=s0)
-            out[done : done + rows.shape[0]] = torch.from_numpy(rows)
-            done += rows.shape[0]
-        if clip.n != first.n_samples:
-            raise EncoderError(f"the audio gave {clip.n} samples on its second read, {first.n_samples} on its "
-                               "first; give a file that decodes the same each time")
-        return _fit_rows(out[:done], n)
+            rows = torch.from_numpy(self._rows(mel, batch, offset=s0))[: n - done]
+            if k == len(batches) - 1:  # the clip's end: its sample count is known, and a shortfall is padded
+                if clip.n != first.n_samples:
+                    raise EncoderError(f"the audio gave {clip.n} samples on its second read, {first.n_samples} on "
+                                       "its first; give a file that decodes the same each time")
+                if done + rows.shape[0] < n:
+                    tail = rows[-1:] if rows.shape[0] else last
+                    rows = torch.cat([rows, tail.expand(n - done - rows.shape[0], -1)])
+            if rows.shape[0]:
+                done += rows.shape[0]
+                last = rows[-1:]
+                yield rows.contiguous()
 
     def encode_file(self, blocks: Callable[[], Iterable[np.ndarray]]) -> torch.Tensor:
         """Both passes: ``blocks()`` gives the clip's 16 kHz blocks afresh each call (it is called twice)."""
