@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,7 @@ class PrepPool:
                     self._warm = None
                 procs = list((getattr(pool, "_processes", None) or {}).values())  # warm: to learn how one ends
                 fut = pool.submit(fn, *args)
+                procs = list((getattr(pool, "_processes", None) or {}).values()) or procs  # one submit may start
                 return fut.result(timeout=self.timeout_s)
             except concurrent.futures.process.BrokenProcessPool:
                 how = _exit_reason(procs)
@@ -210,11 +212,19 @@ class PrepPool:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+# How long the server waits to learn how a dead worker ended. The pool's own manager thread reaps it too: when its
+# waitpid wins, ours fails (ECHILD) and the shared Process shows no exit code until that thread has stored it, so
+# ``exitcode`` is polled for a while (CI once read "it exited" instead of SIGSEGV).
+EXIT_WAIT_S = 10.0
+
+
 def _exit_reason(procs) -> str:
     """How the dead worker ended: its signal's name (SIGSEGV, SIGKILL: the OOM killer's) or exit code."""
+    deadline = time.monotonic() + EXIT_WAIT_S
     for p in procs:
-        p.join(timeout=1)
-        code = p.exitcode
+        p.join(timeout=EXIT_WAIT_S)
+        while (code := p.exitcode) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         if code is not None and code < 0:
             try:
                 return signal.Signals(-code).name

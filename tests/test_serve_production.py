@@ -662,3 +662,23 @@ def test_a_native_crash_in_preparation_fails_that_request_and_the_server_goes_on
         assert [p.name for p in tmp_path.iterdir()] == [w.video_dir.name]  # no upload folder left behind
     finally:
         w.stop()
+
+
+def test_a_dead_workers_signal_is_read_even_when_the_pools_thread_reaped_it_first():
+    """The pool's manager thread and the server both reap a dead worker; when the other thread's waitpid wins, the
+    Process shows no exit code for a moment: the server must wait for it, not call the crash "it exited"."""
+    import threading as _threading
+
+    from dheads.serve.prep import _exit_reason
+
+    class Reaped:  # a Process whose exit code the pool's thread stores 0.2 s after the server asks
+        def __init__(self, code):
+            self._code, self.exitcode = code, None
+
+        def join(self, timeout=None):
+            _threading.Timer(0.2, setattr, (self, "exitcode", self._code)).start()
+
+    assert _exit_reason([Reaped(-11)]) == "SIGSEGV"
+    assert _exit_reason([Reaped(-9)]) == "SIGKILL"
+    assert _exit_reason([Reaped(3)]) == "exit code 3"
+    assert _exit_reason([]) == "it exited"
