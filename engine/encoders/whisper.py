@@ -48,7 +48,7 @@ import torch
 
 from dheads.engine.audio import num_frames
 from dheads.engine.config import AudioConfig
-from dheads.engine.encoders import EncoderError
+from dheads.engine.encoders import EncoderError, StreamedRows
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,9 @@ def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
     dropped; power spectrum; mel filterbank; ``log10(max(., 1e-10))`` clamped to ``max - 8``;
     then ``(x + 4) / 4``. The clamp uses the maximum over the whole input.
     """
-    audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
-    power = stft[..., :-1].abs() ** 2
-    mel = torch.from_numpy(mel_filters(n_mels)) @ power
-    log_spec = torch.clamp(mel, min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).numpy()
+    padded = np.pad(np.asarray(samples, dtype=np.float32), N_FFT // 2, mode="reflect")  # torch.stft's centring
+    log_spec = log_spec_frames(padded, torch.from_numpy(mel_filters(n_mels)))[:, :-1]
+    return _scaled(log_spec, log_spec.max())
 
 
 def log_spec_frames(padded: np.ndarray, filters: torch.Tensor) -> torch.Tensor:
@@ -336,11 +332,7 @@ class WhisperEncoder:
         whole clip, holding one batch of windows at a time and all the rows (:meth:`encode_batches` gives them batch
         by batch)."""
         n = num_frames(first.n_samples, self._config.samples_per_frame)
-        out, done = torch.empty(n, self.dim), 0
-        for rows in self.encode_batches(blocks, first):
-            out[done : done + rows.shape[0]] = rows
-            done += rows.shape[0]
-        return out
+        return StreamedRows(n, self.dim, lambda: self.encode_batches(blocks, first)).whole()
 
     def encode_batches(self, blocks: Iterable[np.ndarray], first: FirstPass) -> Iterator[torch.Tensor]:
         """Pass 2, batch by batch: the rows of :meth:`encode_blocks` in order, one ``[k, dim]`` tensor per batch of
