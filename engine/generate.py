@@ -234,7 +234,14 @@ class _RowFeed:
         self._permits = threading.Semaphore(max(0, int(ahead)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(rows,), name="dh-encode", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            # A stop signal's exception out of start()'s wait for the new thread (see MP4Writer._start_worker): no
+            # one will close() this feed, yet the thread may run later; told to stop, it ends at its first permit.
+            self._stop.set()
+            self._permits.release()
+            raise
 
     def _produce(self, rows) -> None:
         batches = None

@@ -331,9 +331,11 @@ class MP4Writer:
             raise VideoError(f"H.264 yuv420p needs even frame sides, got {width}x{height} for {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.chmod(tmp, file_mode())  # an ordinary file once renamed, not mkstemp's 0600
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = Path(tmp)  # at once: abort() removes it whatever stops the lines below (a stop signal too)
+        try:
+            os.chmod(tmp, file_mode())  # an ordinary file once renamed, not mkstemp's 0600
+        finally:
+            os.close(fd)
         self._container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
         options = {"crf": str(self.crf), "preset": self.preset}
         if (asm := x264_asm()) is not None:
@@ -379,8 +381,18 @@ class MP4Writer:
     # -- the encoder thread --------------------------------------------------------------------
     def _start_worker(self) -> None:
         self._queue = queue.Queue(maxsize=QUEUE_FRAMES)
-        self._worker = threading.Thread(target=self._run, name=f"mp4-{self.path.name}", daemon=True)
-        self._worker.start()
+        worker = threading.Thread(target=self._run, name=f"mp4-{self.path.name}", daemon=True)
+        try:
+            worker.start()
+        except BaseException:
+            # start() launches the thread, then waits for it to run; a stop signal's exception (cli_errors) can come
+            # out of that wait (on a busy machine the new thread may not run for milliseconds; CI met it). Such a
+            # thread runs later all the same, and join() refuses it until then ("cannot join thread before it is
+            # started", which replaced the interrupt: exit 1 and the .part left). So it is not kept for abort() to
+            # join: it is left a _STOP (the queue is new, empty) to end on as soon as it runs, if it ever does.
+            self._queue.put_nowait(_STOP)
+            raise
+        self._worker = worker
 
     def _run(self) -> None:
         """The encoder thread: encode queued frames in order until ``_STOP``; the first error ends it."""
