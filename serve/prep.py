@@ -219,10 +219,11 @@ EXIT_WAIT_S = 10.0
 
 
 def _exit_reason(procs) -> str:
-    """How the dead worker ended: its signal's name (SIGSEGV, SIGKILL: the OOM killer's) or exit code."""
+    """How the dead worker ended: its signal's name (SIGSEGV, SIGKILL: the OOM killer's) or exit code. All the
+    workers share one EXIT_WAIT_S: live workers of a broken pool cannot make the server wait N times over."""
     deadline = time.monotonic() + EXIT_WAIT_S
     for p in procs:
-        p.join(timeout=EXIT_WAIT_S)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
         while (code := p.exitcode) is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if code is not None and code < 0:

@@ -682,3 +682,23 @@ def test_a_dead_workers_signal_is_read_even_when_the_pools_thread_reaped_it_firs
     assert _exit_reason([Reaped(-9)]) == "SIGKILL"
     assert _exit_reason([Reaped(3)]) == "exit code 3"
     assert _exit_reason([]) == "it exited"
+
+
+def test_the_wait_for_a_dead_workers_exit_is_shared_by_all_the_workers(monkeypatch):
+    """Several live workers in a broken pool: each join gets what is left of one EXIT_WAIT_S, not EXIT_WAIT_S each."""
+    from dheads.serve import prep
+
+    clock = [0.0]
+    monkeypatch.setattr(prep.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(prep.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    asked = []
+
+    class Alive:  # a live worker: join waits out its whole timeout, exitcode stays None
+        exitcode = None
+
+        def join(self, timeout=None):
+            asked.append(timeout)
+            clock[0] += timeout
+
+    assert prep._exit_reason([Alive(), Alive(), Alive()]) == "it exited"
+    assert asked == [prep.EXIT_WAIT_S, 0.0, 0.0] and clock[0] == prep.EXIT_WAIT_S
