@@ -38,17 +38,20 @@ SEAM_BAND = 0.06  # the bands' height, a fraction of the frame
 def mask_seam(frames: np.ndarray, identity: np.ndarray, box: tuple[float, float, float, float]) -> float:
     """The largest step at the mask box's left, right and lower edges: mean |frame - identity| in a band just
     inside the edge minus that in the band just outside it (along the box's own extent), levels of 255; near
-    0 with no box on the output. NaN where the box leaves no room for an outside band."""
+    0 with no box on the output. An edge with no room for its outside band (a box that reaches the frame's
+    border) is no edge on the output and is skipped; NaN when no edge is left."""
     h, w = identity.shape[:2]
     x0, y0, x1, y1 = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
     bh, bw = max(1, int(SEAM_BAND * h)), max(1, int(SEAM_BAND * w))
-    if y1 + bh > h or x0 - bw < 0 or x1 + bw > w:
-        return float("nan")
     diff = np.abs(frames.astype(np.float32) - identity.astype(np.float32)).mean(axis=(0, 3))
-    steps = (diff[y1 - bh:y1, x0:x1].mean() - diff[y1:y1 + bh, x0:x1].mean(),  # lower edge
-             diff[y0:y1, x0:x0 + bw].mean() - diff[y0:y1, x0 - bw:x0].mean(),  # left edge
-             diff[y0:y1, x1 - bw:x1].mean() - diff[y0:y1, x1:x1 + bw].mean())  # right edge
-    return float(max(steps))
+    steps = []
+    if y1 + bh <= h:  # lower edge
+        steps.append(diff[y1 - bh:y1, x0:x1].mean() - diff[y1:y1 + bh, x0:x1].mean())
+    if x0 - bw >= 0:  # left edge
+        steps.append(diff[y0:y1, x0:x0 + bw].mean() - diff[y0:y1, x0 - bw:x0].mean())
+    if x1 + bw <= w:  # right edge
+        steps.append(diff[y0:y1, x1 - bw:x1].mean() - diff[y0:y1, x1:x1 + bw].mean())
+    return float(max(steps)) if steps else float("nan")
 
 
 def identity_ssim_upper(frames: np.ndarray, identity: np.ndarray) -> float:

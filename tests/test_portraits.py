@@ -28,7 +28,14 @@ def test_a_box_painted_over_the_mask_region_shows_as_a_seam():
     assert math.isclose(mask_seam(np.clip(side, 0, 255).astype(np.uint8), ident, BOX), 20.0, abs_tol=1.5)
     everywhere = np.clip(ident.astype(np.int16) + 30, 0, 255).astype(np.uint8)[None]
     assert abs(mask_seam(everywhere, ident, BOX)) < 1.5  # a change that crosses the edge is no seam
-    assert math.isnan(mask_seam(frames.astype(np.uint8), ident, (0.3, 0.5, 0.7, 0.99)))  # no room below the box
+    low = (0.34, 0.58, 0.66, 1.0)  # a box down to the frame's border: no lower edge on the output
+    tall = np.repeat(ident[None], 5, 0).astype(np.int16)
+    tall[:, y0:, x0:x1] += 30
+    assert math.isclose(mask_seam(np.clip(tall, 0, 255).astype(np.uint8), ident, low), 30.0, abs_tol=1.5)
+    tall[:, y0:, x0:x1] -= 30
+    tall[:, 56:, x0 + 4:x1 - 4] += 30  # the box's bottom middle changed: no left/right step, no lower edge to measure
+    assert mask_seam(np.clip(tall, 0, 255).astype(np.uint8), ident, low) == 0.0
+    assert math.isnan(mask_seam(frames.astype(np.uint8), ident, (0.0, 0.5, 1.0, 1.0)))  # no edge with room outside
 
 
 def test_identity_ssim_of_the_upper_half_ignores_the_mouth():
