@@ -14,7 +14,8 @@ Each is scored against the clip's own speech (``score_video``): mouth motion (th
 MediaPipe's mouth opening and its std per second, as ratios to the real clip's), the mouth-vs-speech
 correlation at the best lag within +-5 frames (the lag is the AV offset), the correlation with the other
 clips' speech, OFM and F-MSE as ratios to real video (judged two-sided), and colour flicker and drift.
-``talk_gate.judge`` then says whether each variant talks: the generated video must, the baselines must not.
+``talk_gate.judge`` then says whether each variant talks: the generated video must, the baselines must not;
+the generated video's long runs must also end as they started (``talk_gate.long_run_rule``).
 
 A clip counts as held out only when neither its speaker (from the prepared data's index) nor its name
 is among those that trained the model (the bundle manifest's ``training`` record, or a checkpoint's
@@ -310,7 +311,9 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
                 head, inputs, ident, np.concatenate([speech[c.stem] for c in order]), sampler, seeds[0],
                 long_seconds, strip_dir / f"{clip.stem}_long.png" if strip_dir is not None else None)
         log.info("%s: %s", clip.stem, {v: _brief(rows[v]) for v in VARIANTS})
-    verdicts = {v: judge(scores, v, gate, max_lag=M.SYNC_MAX_LAG) for v in VARIANTS}
+    longs = {stem: row["long"] for stem, row in per_clip.items() if "long" in row}
+    verdicts = {v: judge(scores, v, gate, max_lag=M.SYNC_MAX_LAG, long_runs=longs if v == "generated" else None)
+                for v in VARIANTS}
     return {"engine": str(engine or "demo"), "backend": head.info.backend, "precision": head.info.precision,
             "sampler": sampler.to_dict(), "seeds": list(seeds),
             "measured_on": "decoded mp4 (H.264, as dh-run writes)", "gate": dataclasses.asdict(gate),

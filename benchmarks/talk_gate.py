@@ -19,6 +19,13 @@ this one's speech, and real video beats other clips' speech only on average (own
 the 7 GRID clips). So the mean sync must exceed the shuffled baseline's by at least half of real video's own
 margin (``sync_other_audio``: the real clip's mouth against the other clips' speech). The sync rules are on
 means over clips, not per clip.
+
+The issue also asks for no growth over a long run: given the study's long runs (``long_runs``: per clip,
+``local_drift_per_second`` and ``grain_per_second`` of one 10-s video), the generated face must end as it
+started: over the last fifth of every run (at least one second), the worst patch's distance from the identity
+(local drift) at most ``long_drift_growth`` times, and the grain at most ``long_grain_growth`` times, their
+means over the first fifth. The shipped demo's runs stay within 1.4x and 1.03x second to second; a face
+whose eyes or hair turn into a blob in its 7th second reaches 5-8x and 1.3x.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class TalkGate:
     sync_fraction_of_real: float = 0.5  # of the real clips' mean sync
     margin_fraction_of_real: float = 0.5  # of real video's margin over other clips' speech
     max_offset: int = 2
+    long_drift_growth: float = 2.0  # a long run's local drift, its last fifth over its first, at most
+    long_grain_growth: float = 1.15  # its grain, likewise
 
 
 @dataclass(frozen=True)
@@ -74,13 +83,36 @@ def av_offset(curves: Sequence[np.ndarray], max_lag: int) -> tuple[int, float]:
     return int(lags[best]), float(m[best])
 
 
+LONG_RULE = "no growth over the long run"
+
+
+def _growth(per_second: Sequence[float]) -> float:
+    """Mean of the last fifth of ``per_second`` (at least one value) over the mean of its first fifth."""
+    vals = [float(v) for v in per_second]
+    k = max(1, len(vals) // 5)
+    first = mean(vals[:k])
+    return mean(vals[-k:]) / first if first > 0 else math.inf
+
+
+def long_run_rule(long_runs: Mapping[str, Mapping[str, Any]], gate: TalkGate = TalkGate()) -> dict[str, Any]:
+    """The long-run rule (module text) on ``{clip: heldout_study's "long" row}``: ok, and each run's growths."""
+    growth = {clip: {"local_drift": _growth(run["local_drift_per_second"]), "grain": _growth(run["grain_per_second"])}
+              for clip, run in long_runs.items()}
+    ok = all(g["local_drift"] <= gate.long_drift_growth and g["grain"] <= gate.long_grain_growth
+             for g in growth.values())
+    return {"ok": bool(ok), "growth": growth,
+            "limits": {"local_drift": gate.long_drift_growth, "grain": gate.long_grain_growth}}
+
+
 def judge(scores: Mapping[str, Sequence[Mapping[str, Any]]], variant: str = "generated",
-          gate: TalkGate = TalkGate(), *, max_lag: int = 5) -> Verdict:
+          gate: TalkGate = TalkGate(), *, max_lag: int = 5,
+          long_runs: Mapping[str, Mapping[str, Any]] | None = None) -> Verdict:
     """Judge ``scores[variant]`` (one dict per clip: ``mouth_spread_ratio``, ``sync``, ``sync_curve``) against
     ``scores["real"]`` (which also needs ``sync_other_audio``), ``scores["still"]`` and ``scores["shuffled"]``
     on the same clips.
 
-    ``variant`` may be a baseline itself: a still or a shuffled video must fail.
+    ``variant`` may be a baseline itself: a still or a shuffled video must fail. ``long_runs`` (the generated
+    variant's long runs, per clip) adds the long-run rule.
     """
     cand, real = scores[variant], scores["real"]
     ratios = [s.get("mouth_spread_ratio") for s in cand]
@@ -108,4 +140,6 @@ def judge(scores: Mapping[str, Sequence[Mapping[str, Any]]], variant: str = "gen
             "spread_ratio": _finite_mean(ratios), "still_spread_ratio": still_spread, "sync": sync,
             "still_sync": still_sync},
     }
+    if long_runs:
+        rules[LONG_RULE] = long_run_rule(long_runs, gate)
     return Verdict(passed=all(r["ok"] for r in rules.values()), rules=rules)

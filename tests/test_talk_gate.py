@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dheads.benchmarks import metrics as M
-from dheads.benchmarks.talk_gate import TalkGate, av_offset, judge
+from dheads.benchmarks.talk_gate import LONG_RULE, TalkGate, av_offset, judge, long_run_rule
 
 FPS = 25
 
@@ -124,3 +124,28 @@ def test_a_mouth_moving_too_much_fails_the_two_sided_spread(scores):
     assert verdict.failures() == ["mouth spread 0.7-1.3x real on every clip"]
     strict = judge(scores, "real", TalkGate(spread_lo=1.01))
     assert "mouth spread 0.7-1.3x real on every clip" in strict.failures()
+
+
+FLAT = {"local_drift_per_second": [6.2, 6.8, 5.9, 6.4, 7.9, 6.2, 8.4, 6.5, 5.4, 6.4],
+        "grain_per_second": [683, 694, 688, 691, 683, 675, 681, 686, 687, 692]}
+BLOB = {"local_drift_per_second": [4.3, 4.2, 3.3, 3.8, 4.4, 5.3, 16.3, 22.2, 26.0, 33.7],  # eyes turn to a blob at 7 s
+        "grain_per_second": [662, 667, 667, 668, 655, 646, 683, 735, 732, 866]}
+
+
+def test_a_long_run_that_ends_as_it_started_passes_and_one_that_grows_fails():
+    assert long_run_rule({"a": FLAT, "b": FLAT})["ok"]
+    rule = long_run_rule({"a": FLAT, "b": BLOB})
+    assert not rule["ok"]
+    assert math.isclose(rule["growth"]["b"]["local_drift"], (26.0 + 33.7) / (4.3 + 4.2))
+    grainy = {"local_drift_per_second": FLAT["local_drift_per_second"], "grain_per_second": [600] * 8 + [720, 720]}
+    assert not long_run_rule({"a": grainy})["ok"]  # 1.2x the grain, the drift flat
+    assert long_run_rule({"a": grainy}, TalkGate(long_grain_growth=1.25))["ok"]
+    one_second = {"local_drift_per_second": [9.0], "grain_per_second": [700.0]}
+    assert long_run_rule({"a": one_second})["growth"]["a"] == {"local_drift": 1.0, "grain": 1.0}
+
+
+def test_the_long_run_rule_joins_the_verdict_only_when_long_runs_are_given(scores):
+    assert LONG_RULE not in judge(scores, "real").rules
+    assert judge(scores, "real", long_runs={"a": FLAT}).passed
+    verdict = judge(scores, "real", long_runs={"a": FLAT, "b": BLOB})
+    assert verdict.failures() == [LONG_RULE]
