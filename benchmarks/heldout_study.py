@@ -21,9 +21,9 @@ A clip counts as held out only when neither its speaker (from the prepared data'
 is among those that trained the model (the bundle manifest's ``training`` record, or a checkpoint's
 ``meta["trained_on"]``); otherwise the study refuses it (``--allow-trained`` measures it anyway, marked).
 
-Long run (``--long-seconds``, default 10): the clip's speech followed by the other clips', in one go; per
-1-s bucket the colour drift, the grain (mean squared Laplacian of the luma) and the local shading drift
-(``metrics.local_drift``). Strips (``--strips``): real vs generated vs shuffled at the same times, each
+Long run (``--long-seconds``, default 10; at every seed unless ``--no-long-all-seeds``): the clip's speech
+followed by the other clips', in one go; per 1-s bucket the colour drift, the grain (mean squared Laplacian
+of the luma) and the local shading drift (``metrics.local_drift``). Strips (``--strips``): real vs generated vs shuffled at the same times, each
 with its mouth enlarged; and the long run's identity + one frame a second.
 
 Usage: ``python -m dheads.benchmarks.heldout_study CLIPS... --data PREPARED [--engine E] [--seed 0 --seed 1]
@@ -255,12 +255,14 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
           sampler: SamplerConfig | None = None, frame_noise: str | None = None, warm_steps: int = 0,
           seeds: Sequence[int] = (0,), long_seconds: float = 10.0, strip_dir: Path | None = None,
           allow_trained: bool = False, gate: TalkGate = TalkGate(), backend: str | None = None,
-          precision: str = "fp32") -> dict:
+          precision: str = "fp32", long_all_seeds: bool = True) -> dict:
     """The study's JSON document: per clip the four variants' scores, the verdicts, a summary.
 
     ``controls``: more clips whose speech only drives the shuffled baseline and fills the long run.
     ``sampler`` None: the engine's default (``study_sampler``). ``backend``, ``precision``: what runs the UNet
     (as dh-run's flags; e.g. openvino bf16 to score a reduced precision against the fp32 seed spread).
+    ``long_all_seeds``: a long run at every seed (the first seed's alone has a strip), all judged; one
+    seed's run can miss a face that breaks up at another seed.
     """
     head = TalkingHead.open(engine, backend=backend, precision=precision)
     sampler = study_sampler(head.default_sampler, sampler, frame_noise, warm_steps)
@@ -307,11 +309,16 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
             _write_png(strip_dir / f"{clip.stem}_talk.png", comparison_strip(shown, times))
         if long_seconds > 0:
             order = [clip] + [c for c in pool if c != clip]
+            long_speech = np.concatenate([speech[c.stem] for c in order])
             per_clip[clip.stem]["long"] = _long_run(
-                head, inputs, ident, np.concatenate([speech[c.stem] for c in order]), sampler, seeds[0],
+                head, inputs, ident, long_speech, sampler, seeds[0],
                 long_seconds, strip_dir / f"{clip.stem}_long.png" if strip_dir is not None else None)
+            if long_all_seeds and len(seeds) > 1:
+                per_clip[clip.stem]["long_more_seeds"] = [
+                    _long_run(head, inputs, ident, long_speech, sampler, s, long_seconds, None) | {"seed": s}
+                    for s in seeds[1:]]
         log.info("%s: %s", clip.stem, {v: _brief(rows[v]) for v in VARIANTS})
-    longs = {stem: row["long"] for stem, row in per_clip.items() if "long" in row}
+    longs = long_runs_of(per_clip)
     verdicts = {v: judge(scores, v, gate, max_lag=M.SYNC_MAX_LAG, long_runs=longs if v == "generated" else None)
                 for v in VARIANTS}
     return {"engine": str(engine or "demo"), "backend": head.info.backend, "precision": head.info.precision,
@@ -319,6 +326,18 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
             "measured_on": "decoded mp4 (H.264, as dh-run writes)", "gate": dataclasses.asdict(gate),
             "clips": per_clip, "summary": summarize(scores),
             "verdicts": {v: {"talks": d.passed, "failed": d.failures(), "rules": d.rules} for v, d in verdicts.items()}}
+
+
+def long_runs_of(per_clip: dict[str, Any]) -> dict[str, dict]:
+    """Every long run of a study's clips for ``talk_gate.long_run_rule``: ``clip`` (the first seed's) and
+    ``clip@seed`` for the others (``long_more_seeds``)."""
+    runs = {}
+    for stem, row in per_clip.items():
+        if "long" in row:
+            runs[stem] = row["long"]
+        for run in row.get("long_more_seeds", []):
+            runs[f"{stem}@{run['seed']}"] = run
+    return runs
 
 
 def shuffle_source(others: Sequence[Path], clip_index: int, seed_index: int) -> Path:
@@ -399,13 +418,16 @@ def main(clips: list[Path], data: Path = typer.Option(..., help="prepared clips 
          allow_trained: bool = typer.Option(False, help="measure clips whose speaker trained the model (marked)"),
          backend: Optional[str] = typer.Option(None, help="what runs the UNet, as dh-run --backend"),
          precision: str = typer.Option("fp32", help="as dh-run --precision: fp32 | fp16 | bf16 | int8"),
+         long_all_seeds: bool = typer.Option(True, help="a long run at every seed, all judged (else the first "
+                                             "seed's only)"),
          ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplerConfig(sampler, steps, spacing=spacing) if sampler and steps else None
     try:
         result = study(clips, engine, data=data, controls=list(control or []), sampler=cfg, frame_noise=frame_noise,
                        warm_steps=warm_steps, seeds=seed or [0], long_seconds=long_seconds, strip_dir=strips,
-                       allow_trained=allow_trained, backend=backend, precision=precision)
+                       allow_trained=allow_trained, backend=backend, precision=precision,
+                       long_all_seeds=long_all_seeds)
     except (StudyError, BackendError) as e:
         typer.echo(f"heldout_study: error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -97,6 +97,20 @@ def test_study_on_held_out_clips(prepared, shared_data, tmp_path):
     assert table.count("\n") == 6 and "| still | no |" in table and "| real | yes |" in table
 
 
+def test_the_gate_judges_the_long_run_of_every_seed():
+    from dheads.benchmarks.heldout_study import long_runs_of
+    from dheads.benchmarks.talk_gate import long_run_rule
+
+    flat = {"local_drift_per_second": [5.0] * 10, "grain_per_second": [700.0] * 10}
+    blob = {"local_drift_per_second": [5.0] * 6 + [20.0, 30.0, 35.0, 40.0], "grain_per_second": [700.0] * 10}
+    per_clip = {"lbax4n": {"long": flat, "long_more_seeds": [flat | {"seed": 1}, blob | {"seed": 3}]},
+                "sbwe5n": {"long": flat}, "gone": {}}
+    runs = long_runs_of(per_clip)
+    assert sorted(runs) == ["lbax4n", "lbax4n@1", "lbax4n@3", "sbwe5n"]
+    assert not long_run_rule(runs)["ok"]  # the blob at seed 3 fails the model though seed 0's run is flat
+    assert long_run_rule({k: v for k, v in runs.items() if k != "lbax4n@3"})["ok"]
+
+
 def test_study_refuses_a_clip_that_trained_the_model(prepared, shared_data, tmp_path):
     bundle = tmp_path / "demo"
     shutil.copytree(default_engine_path(), bundle)
