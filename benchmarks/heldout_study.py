@@ -23,8 +23,9 @@ is among those that trained the model (the bundle manifest's ``training`` record
 
 Long run (``--long-seconds``, default 10; at every seed unless ``--no-long-all-seeds``): the clip's speech
 followed by the other clips', in one go; per 1-s bucket the colour drift, the grain (mean squared Laplacian
-of the luma) and the local shading drift (``metrics.local_drift``). Strips (``--strips``): real vs generated vs shuffled at the same times, each
-with its mouth enlarged; and the long run's identity + one frame a second.
+of the luma) and the local shading drift (``metrics.local_drift``). Strips (``--strips``): real vs generated vs
+shuffled at the same times, each with its mouth enlarged; and the first seed's long run: the identity + one
+frame a second.
 
 Usage: ``python -m dheads.benchmarks.heldout_study CLIPS... --data PREPARED [--engine E] [--seed 0 --seed 1]
 --out F.json [--table F.md] [--strips DIR]``.
@@ -310,13 +311,13 @@ def study(clips: list[Path], engine: str | None, *, data: Path, controls: Sequen
         if long_seconds > 0:
             order = [clip] + [c for c in pool if c != clip]
             long_speech = np.concatenate([speech[c.stem] for c in order])
-            per_clip[clip.stem]["long"] = _long_run(
-                head, inputs, ident, long_speech, sampler, seeds[0],
-                long_seconds, strip_dir / f"{clip.stem}_long.png" if strip_dir is not None else None)
-            if long_all_seeds and len(seeds) > 1:
-                per_clip[clip.stem]["long_more_seeds"] = [
-                    _long_run(head, inputs, ident, long_speech, sampler, s, long_seconds, None) | {"seed": s}
-                    for s in seeds[1:]]
+            strip = strip_dir / f"{clip.stem}_long.png" if strip_dir is not None else None
+            first, *more = [
+                _long_run(head, inputs, ident, long_speech, sampler, s, long_seconds, None if i else strip)
+                | {"seed": s} for i, s in enumerate(seeds if long_all_seeds else seeds[:1])]
+            per_clip[clip.stem]["long"] = first
+            if more:
+                per_clip[clip.stem]["long_more_seeds"] = more
         log.info("%s: %s", clip.stem, {v: _brief(rows[v]) for v in VARIANTS})
     longs = long_runs_of(per_clip)
     verdicts = {v: judge(scores, v, gate, max_lag=M.SYNC_MAX_LAG, long_runs=longs if v == "generated" else None)
